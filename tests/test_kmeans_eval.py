@@ -1,0 +1,182 @@
+"""kmeans_eval.py: cluster matching, mIoU, K-Means/PCA, the histogram shortcut, end to end, bad input."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+import common
+import kmeans_eval as ke
+
+
+def run_cli(argv, capsys):
+    """Run main() as the command line does; returns (exit code, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: ke.main(argv))
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def pretrain_ck(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ck") / "checkpoint.pth"
+    model = common.SegModel("resnet18", 32)
+    with torch.no_grad():  # the decoder ends in a ReLU: positive weights make every pixel salient (logit > 0.5)
+        model.saliency_head.weight.fill_(1.0)
+    common.save_checkpoint(path, kind="pretrain", model=model.state_dict(), args={"arch": "resnet18", "dim": 32},
+                           saliency_head=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    """12 train and 8 val images of 32×32: the end-to-end run stays within seconds on a busy 2-core CPU."""
+    return common.make_synthetic_voc(tmp_path_factory.mktemp("tiny"), n_train=12, n_val=8, size=32, seed=1)
+
+
+def test_match_clusters_recovers_a_permutation():
+    g = torch.Generator().manual_seed(0)
+    gt = torch.randint(0, 6, (40, 50), generator=g)
+    gt[:5] = 255  # ignored pixels must not matter
+    perm = torch.randperm(6, generator=g)
+    pred = perm[gt.clamp(max=5)]
+    mapping = ke.match_clusters(pred, gt, 6, 6)
+    assert mapping.dtype == torch.long and mapping.shape == (6,)
+    assert torch.equal(mapping[perm], torch.arange(6))
+    # with 10 % of the pixels flipped at random the one-to-one assignment still holds
+    noisy = torch.where(torch.rand(gt.shape, generator=g) < 0.1, torch.randint(0, 6, gt.shape, generator=g), pred)
+    assert torch.equal(ke.match_clusters(noisy, gt, 6, 6)[perm], torch.arange(6))
+
+
+def test_match_clusters_majority_vote():
+    # 5 clusters, 3 classes: each cluster's pixels split unevenly between classes
+    counts = {0: {0: 10, 1: 3}, 1: {1: 7, 2: 6}, 2: {2: 9}, 3: {0: 2, 2: 5}, 4: {1: 4, 0: 1, 255: 50}}
+    pred, gt = [], []
+    for c, d in counts.items():
+        for k, n in d.items():
+            pred += [c] * n
+            gt += [k] * n
+    mapping = ke.match_clusters(torch.tensor(pred), torch.tensor(gt), 5, 3)
+    assert mapping.tolist() == [0, 1, 2, 2, 1]  # many-to-one: clusters 2 and 3 both become class 2
+    # Hungarian (square) must not pick class 1 twice even if two clusters prefer it
+    conf = torch.tensor([[0, 9, 1], [0, 8, 0], [7, 0, 0]])
+    assert ke.match_from_confusion(conf).tolist() == [2, 1, 0]
+
+
+def test_miou_hand_computed_and_absent_classes():
+    # 4 classes; class 3 in neither prediction nor ground truth → left out of the mean (VOC)
+    gt = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 255])
+    pred = torch.tensor([0, 0, 1, 1, 1, 2, 0, 2, 3])
+    conf = common.confusion_matrix(pred, gt, 4)
+    miou, iou = common.miou_from_confusion(conf)
+    # class 0: tp 2, fp 1, fn 1 → 2/4; class 1: tp 2, fp 1 → 2/3; class 2: tp 2, fn 1 → 2/3
+    assert iou[:3].tolist() == pytest.approx([50.0, 200 / 3, 200 / 3])
+    assert math.isnan(iou[3])
+    assert miou == pytest.approx((50 + 400 / 3) / 3)
+    # a class present in the ground truth but never predicted counts as 0, not as absent
+    conf2 = common.confusion_matrix(torch.zeros(4, dtype=torch.long), torch.tensor([0, 0, 1, 1]), 3)
+    m2, iou2 = common.miou_from_confusion(conf2)
+    assert iou2[1] == 0 and math.isnan(iou2[2]) and m2 == pytest.approx(25.0)
+
+
+def test_histogram_scoring_equals_pixel_scoring():
+    """The script scores from per-image class histograms; it must equal painting the pixels and counting them."""
+    g = torch.Generator().manual_seed(1)
+    n_img, n_classes, n_total = 12, 5, 5
+    labels = [torch.randint(0, n_classes, (int(torch.randint(8, 20, (1,), generator=g)), 13), generator=g)
+              for _ in range(n_img)]
+    for y in labels:
+        y[0] = 255
+    fgs = [torch.rand(y.shape, generator=g) < 0.4 for y in labels]
+    ids = torch.randint(1, n_total, (n_img,), generator=g)
+    ids[3] = 0  # an image without foreground
+    fgs[3][:] = False
+    fg_hist = torch.stack([torch.bincount(y[f & (y != 255)], minlength=n_classes) for y, f in zip(labels, fgs)])
+    bg_hist = torch.stack([torch.bincount(y[~f & (y != 255)], minlength=n_classes) for y, f in zip(labels, fgs)])
+    conf_ids = ke.cluster_confusion(ids, fg_hist, bg_hist, n_total)
+    mapping = ke.match_from_confusion(conf_ids)
+    miou, iou = ke.score(conf_ids, mapping, n_classes)
+
+    pred_ids = [torch.where(f, i, torch.zeros_like(y)) for y, f, i in zip(labels, fgs, ids)]
+    flat_pred, flat_gt = torch.cat([p.flatten() for p in pred_ids]), torch.cat([y.flatten() for y in labels])
+    assert torch.equal(ke.match_clusters(flat_pred, flat_gt, n_total, n_classes), mapping)
+    conf = common.confusion_matrix(mapping[flat_pred], flat_gt, n_classes)
+    m_ref, iou_ref = common.miou_from_confusion(conf)
+    assert miou == pytest.approx(m_ref) and torch.allclose(iou, iou_ref, equal_nan=True)
+
+
+def test_kmeans_finds_planted_clusters_and_is_reproducible():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(6, 16, generator=g) * 6
+    truth = torch.arange(6).repeat_interleave(50)
+    x = centres[truth] + torch.randn(300, 16, generator=g)
+    assign, c, inertia = ke.kmeans(x, 6, seed=3, restarts=4)
+    # each planted blob is one cluster and no two blobs share one
+    for b in range(6):
+        assert len(assign[truth == b].unique()) == 1
+    assert len(assign.unique()) == 6
+    assert inertia == pytest.approx(float(((x - centres[truth]) ** 2).sum()), rel=0.1)
+    again = ke.kmeans(x, 6, seed=3, restarts=4)
+    assert torch.equal(again[0], assign) and torch.equal(again[1], c)
+    # 300 random points, 20 clusters: different seeds generally differ, the same seed never does
+    y = torch.randn(300, 8, generator=g)
+    a1, a2 = ke.kmeans(y, 20, seed=1, restarts=1)[0], ke.kmeans(y, 20, seed=1, restarts=1)[0]
+    assert torch.equal(a1, a2)
+    assert not torch.equal(a1, ke.kmeans(y, 20, seed=2, restarts=1)[0])
+
+
+def test_pca_whitening():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 40, generator=g) @ torch.randn(40, 40, generator=g) + 3
+    z = ke.pca_whiten(x.double(), 32)
+    assert z.shape == (500, 32)
+    cov = z.T @ z / (len(z) - 1)
+    assert torch.allclose(cov, torch.eye(32, dtype=cov.dtype), atol=1e-6)
+    # rank-deficient input: no exploding directions
+    low = torch.randn(100, 3, generator=g) @ torch.randn(3, 32, generator=g)
+    assert ke.pca_whiten(low.double(), 32).shape[1] == 3
+
+
+def test_end_to_end_with_retrieval(tiny_root, pretrain_ck, tmp_path, capsys):
+    out = tmp_path / "km"
+    res = ke.main(["--data-root", str(tiny_root), "--checkpoint", str(pretrain_ck), "--size", "32", "--workers", "0",
+                   "--n-seeds", "2", "--restarts", "2", "--clusters", "5", "7", "20",
+                   "--retrieval-split", "train", "--out", str(out), "--n-figures", "3"])
+    printed = capsys.readouterr().out
+    assert "K-Means 5" in printed and "retrieval" in printed
+    saved = json.loads((out / "kmeans_eval.json").read_text())
+    assert saved["clusters"]["5"]["matching"] == "hungarian" and saved["clusters"]["7"]["matching"] == "majority"
+    assert "skipped" in saved["clusters"]["20"]  # 19 clusters for 8 prototypes: reported, not crashed
+    assert len(saved["clusters"]["5"]["miou_per_seed"]) == 2
+    assert 0 <= saved["clusters"]["5"]["miou_mean"] <= 100
+    assert saved["with_foreground"] == 8  # every pixel is salient
+    assert "5 classes" in saved["retrieval"] and res["retrieval"]["5 classes"]["bank_size"] == 12
+    for png in ("kmeans_val.png", "retrieval.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_bad_input_is_one_line(synth_root, pretrain_ck, tmp_path, capsys):
+    base = ["--data-root", str(synth_root), "--size", "32", "--workers", "0", "--out", str(tmp_path / "o")]
+    # no saliency head, no saliency folder
+    code, err = run_cli(base + ["--checkpoint", "random", "--arch", "resnet18"], capsys)
+    assert code == 2 and "no saliency head" in err and len(err.strip().splitlines()) == 1
+    # a saliency folder that does not exist
+    code, err = run_cli(base + ["--checkpoint", "random", "--arch", "resnet18", "--saliency", "nope"], capsys)
+    assert code == 2 and "saliency_nope" in err and len(err.strip().splitlines()) == 1
+    # checkpoint of another architecture: --arch disagrees, or weights that do not fit the arch it names
+    code, err = run_cli(base + ["--checkpoint", str(pretrain_ck), "--arch", "resnet50"], capsys)
+    assert code == 2 and "resnet18" in err and len(err.strip().splitlines()) == 1
+    wrong = tmp_path / "wrong.pth"
+    common.save_checkpoint(wrong, kind="pretrain", model=common.SegModel("resnet18", 16).state_dict(),
+                           args={"arch": "resnet18", "dim": 32}, saliency_head=True)
+    code, err = run_cli(base + ["--checkpoint", str(wrong)], capsys)
+    assert code == 2 and "do not fit" in err and len(err.strip().splitlines()) == 1
+    # a val split without labels
+    nolab = tmp_path / "nolab"
+    shutil.copytree(synth_root / "JPEGImages", nolab / "JPEGImages")
+    shutil.copytree(synth_root / "ImageSets", nolab / "ImageSets")
+    code, err = run_cli(["--data-root", str(nolab), "--checkpoint", str(pretrain_ck), "--out", str(tmp_path / "o")],
+                        capsys)
+    assert code == 2 and "no label" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # nothing half-written

@@ -1,0 +1,194 @@
+"""mine_masks.py: priors, post-processing bounds, metrics by hand, the three modes end to end, resume, bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+import mine_masks as mm
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--arch", "resnet18", "--size", "32", "--prior-size", "48", "--epochs", "1", "--batch-size", "8",
+        "--workers", "0", "--grid", "2"]
+
+
+def _auc(p, gt):
+    """Probability that a random object pixel scores above a random background pixel."""
+    p, gt = p.flatten(), gt.flatten()
+    rank = p.argsort().argsort().double() + 1
+    npos, nneg = gt.sum().double(), (~gt).sum().double()
+    return float((rank[gt].sum() - npos * (npos + 1) / 2) / (npos * nneg))
+
+
+@pytest.fixture(scope="module")
+def synth_batch(synth_root):
+    ss = common.list_samples(synth_root, "train", saliency="oracle")[:12]
+    x = torch.stack([common.read_image(s.image) for s in ss]).float() / 255
+    gt = torch.stack([common.read_mask(s.saliency) > 0 for s in ss])
+    return x, gt
+
+
+@pytest.mark.parametrize("name", list(mm.PRIORS))
+def test_each_prior_ranks_the_planted_object_above_its_background(synth_batch, name):
+    x, gt = synth_batch
+    s = mm.PRIORS[name](x)
+    assert s.shape == gt.shape and s.min() >= 0 and s.max() <= 1
+    aucs = [_auc(s[i], gt[i]) for i in range(len(s))]
+    assert np.mean(aucs) > 0.8, aucs
+    assert all(s[i][gt[i]].mean() > s[i][~gt[i]].mean() for i in range(len(s)))
+
+
+def test_minimum_barrier_distance_values():
+    img = torch.full((1, 9, 9), 10, dtype=torch.uint8)
+    img[0, 3:6, 3:6] = 200  # a bright plateau inside a flat dark frame: barrier 190 inside, 0 outside
+    img[0, 4, 4] = 90  # a dip in the plateau: the path still climbs to 200, barrier 200 − 10
+    d = mm.mbd_distance(img)
+    expect = torch.zeros(9, 9, dtype=torch.uint8)
+    expect[3:6, 3:6] = 190
+    assert torch.equal(d[0], expect)
+    assert mm.mbd_distance(torch.full((2, 5, 7), 77, dtype=torch.uint8)).sum() == 0
+
+
+def test_postprocess_keeps_and_drops_exactly_at_the_one_percent_bounds():
+    prob = np.zeros((100, 100), np.float32)  # 1 % = 100 pixels
+    prob[0:10, 0:10] = 0.9  # 100 px: kept
+    prob[50:59, 50:61] = 0.6  # 99 px: removed
+    mask, share, why = mm.postprocess(prob)
+    assert why is None and share == 0.01 and mask.sum() == 100 and not mask[50:59, 50:61].any()
+    prob[0, 0] = 0.49  # the kept blob falls to 99 px (and 0.5 itself counts as foreground)
+    prob[60, 60] = 0.5
+    mask, share, why = mm.postprocess(prob)
+    assert why is not None and "1%" in why and mask.sum() == 0
+    # diagonal touching counts as one component (8-connectivity): 50 + 50 px = 100 px kept
+    prob = np.zeros((100, 100), np.float32)
+    prob[0:5, 0:10] = prob[5:10, 10:20] = 1
+    assert mm.postprocess(prob)[0].sum() == 100
+    assert mm.postprocess(np.zeros((10, 10)))[2].startswith("no pixel")
+
+
+def test_metrics_equal_hand_computed_values():
+    m = mm.SaliencyMeter()
+    # image 1: round(255 p) = 255, 153 / 51, 0; ground truth = the left column
+    m.add(torch.tensor([[1.0, 0.6], [0.2, 0.0]]), torch.tensor([[1, 0], [1, 0]]))
+    # image 2: a perfect binary map, one object pixel in four
+    m.add(torch.tensor([[0.0, 0.0], [0.0, 1.0]]), torch.tensor([[0, 0], [0, 1]]))
+    r = m.result()
+    assert r["images"] == 2
+    assert r["mae"] == pytest.approx(((0 + 0.6 + 0.8 + 0) / 4 + 0) / 2)
+    assert r["iou"] == pytest.approx((1 / 3 + 1) / 2)  # image 1: {(0,0), (0,1)} against {(0,0), (1,0)}
+
+    # (P, R) per threshold k: image 1 (1/2, 1) at k=0, (2/3, 1) for k ≤ 51, (1/2, 1/2) for k ≤ 153, (1, 1/2) above;
+    # image 2 (1/4, 1) at k=0, (1, 1) above. Averaged over images first, then F = 1.3 P R / (0.3 P + R).
+    def f(p, r):
+        return 1.3 * p * r / (0.3 * p + r)
+    curve = [f(3 / 8, 1), f(5 / 6, 1), f(3 / 4, 3 / 4), f(1, 3 / 4)]
+    assert r["max_f"] == pytest.approx(max(curve)) and max(curve) == pytest.approx(0.975 / 1.05)
+    # which is not the mean of per-image max F (0.8125 and 1)
+    assert r["max_f"] != pytest.approx((0.8125 + 1) / 2)
+
+
+def _read_png(p):
+    return np.array(Image.open(p))
+
+
+def test_unsupervised_end_to_end_writes_masks_that_pretraining_can_load(synth_root, tmp_path, capsys):
+    out_root, work = tmp_path / "masks", tmp_path / "work"
+    args = ["--data-root", str(synth_root), "--split", "val", "--name", "mined", "--out-root", str(out_root),
+            "--out", str(work), "--rounds", "1", "--eval-masks", str(synth_root / "saliency_oracle")] + TINY
+    mm.main(args)
+    printed = capsys.readouterr().out
+    for stage in ("prior_mbd", "prior_rbd", "priors", "round1", "final masks"):
+        assert stage in printed
+    d = common.saliency_dir(synth_root, "mined", out_root)
+    summary = json.loads((d / "summary.json").read_text())
+    dropped = (d / "dropped.txt").read_text().split()
+    samples = common.list_samples(synth_root, "val", saliency="mined", mask_root=out_root)
+    assert summary["images"] == len(samples) == summary["kept"] + summary["dropped"]
+    assert summary["dropped"] == len(dropped) and set(summary["stages"]) >= {"prior_mbd", "priors", "round1"}
+    kept = [s for s in samples if s.id not in dropped]
+    assert len(kept) == summary["kept"] > 0
+    assert sorted(p.stem for p in d.glob("*.png")) == sorted(s.id for s in kept)
+    for s in kept:  # what pretrain.py reads: a 0/255 mask of the image's size with ≥ 1 % foreground
+        m = common.read_mask(s.saliency)
+        assert tuple(m.shape) == common.image_size(s.image)
+        assert set(np.unique(m.numpy())) <= {0, 255} and (m > 0).float().mean() >= 0.01
+    pretrain = pytest.importorskip("pretrain")  # and pretrain.py takes exactly the kept ones, dropped.txt excusing the rest
+    assert sorted(s.id for s in pretrain.pretrain_samples([synth_root], "val", "mined", out_root)) == \
+        sorted(s.id for s in kept)
+    assert (work / "grid.png").is_file() and (work / "round1.pth").is_file()
+    ck = common.load_checkpoint(work / "round1.pth", kind="saliency")
+    assert common.model_from_checkpoint(ck).saliency_head is not None
+
+    # re-running with --resume reuses every stage and gives the same masks
+    before = {p.name: p.read_bytes() for p in d.glob("*.png")}
+    mm.main(args + ["--resume"])
+    printed = capsys.readouterr().out
+    assert "[priors] reused" in printed and "[round1] reused" in printed and "epoch 1/1" not in printed
+    assert {p.name: p.read_bytes() for p in d.glob("*.png")} == before
+
+
+def test_import_mode_resizes_any_map_and_drops_empty_ones(synth_root, tmp_path):
+    ids = [s.id for s in common.list_samples(synth_root, "val")]
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    for k, i in enumerate(ids):
+        a = np.zeros((20, 30), np.uint8)
+        if k != 0:  # the first map is empty → dropped
+            a[5:15, 10:20] = 255
+        Image.fromarray(a).save(maps / f"{i}.png")
+    mm.main(["--data-root", str(synth_root), "--split", "val", "--name", "imp", "--out-root", str(tmp_path),
+             "--out", str(tmp_path / "w"), "--import-maps", str(maps), "--grid", "0", "--workers", "0"])
+    d = tmp_path / "saliency_imp"
+    assert (d / "dropped.txt").read_text().split() == [ids[0]]
+    m = _read_png(d / f"{ids[1]}.png")
+    assert m.shape == (64, 64) and m.dtype == np.uint8
+    # the 10×10 square of a 20×30 map covers rows 16..47 and columns ~21..42 of the 64×64 image
+    assert m[32, 32] == 255 and m[5, 5] == 0 and abs((m > 0).mean() - 1 / 6) < 0.03
+
+
+def test_supervised_mode_trains_on_labeled_folders(synth_root, tmp_path):
+    imgs, masks = tmp_path / "train_images", tmp_path / "train_masks"
+    imgs.mkdir(), masks.mkdir()
+    for s in common.list_samples(synth_root, "train", saliency="oracle")[:8]:  # one step of 8
+        (imgs / s.image.name).write_bytes(s.image.read_bytes())
+        (masks / s.saliency.name).write_bytes(s.saliency.read_bytes())
+    mm.main(["--data-root", str(synth_root), "--split", "val", "--name", "sup", "--out-root", str(tmp_path),
+             "--out", str(tmp_path / "w"), "--train-images", str(imgs), "--train-masks", str(masks), "--eval-masks",
+             str(synth_root / "saliency_oracle")] + TINY)
+    s = json.loads((tmp_path / "saliency_sup" / "summary.json").read_text())
+    assert s["mode"] == "supervised" and "supervised" in s["stages"] and s["kept"] + s["dropped"] == 16
+
+
+def test_bad_input_is_one_line_error(synth_root, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.jpg").write_bytes(b"not a jpeg at all")
+    r = subprocess.run([sys.executable, str(ROOT / "mine_masks.py"), "--data-root", str(bad), "--out",
+                        str(tmp_path / "w"), "--workers", "0"], capture_output=True, text=True, cwd=tmp_path)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error")]  # the rest is tqdm's progress bar
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ") and "broken.jpg" in lines[0] and r.stderr.rstrip().endswith(lines[0])
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(common.UserError, match="no images found"):
+        mm.main(["--data-root", str(empty), "--out", str(tmp_path / "w")])
+
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    ids = [s.id for s in common.list_samples(synth_root, "val")]
+    for i in ids:
+        common.save_mask_png(np.zeros((32, 32)), gt / f"{i}.png")  # images are 64×64
+    with pytest.raises(common.UserError, match="ground truth is"):
+        mm.main(["--data-root", str(synth_root), "--split", "val", "--out-root", str(tmp_path), "--out",
+                 str(tmp_path / "w"), "--eval-masks", str(gt), "--workers", "0"])
+    (gt / f"{ids[3]}.png").unlink()
+    with pytest.raises(common.UserError, match=f"no ground-truth mask for 1 of 16 images, e.g. '{ids[3]}'"):
+        mm.main(["--data-root", str(synth_root), "--split", "val", "--out-root", str(tmp_path), "--out",
+                 str(tmp_path / "w"), "--eval-masks", str(gt), "--workers", "0"])
