@@ -347,6 +347,64 @@ def collate_keep_labels(batch):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The paper's data, for users with a network: PASCAL VOC 2012 + SBD → the usual train_aug split
+
+def _read_ids(path):
+    return [s.split()[0] for s in Path(path).read_text().splitlines() if s.strip()]
+
+
+def assemble_voc_trainaug(voc, sbd):
+    """Add SBD's labels to an extracted VOC2012 folder in our layout: SegmentationClassAug/<id>.png for the SBD images
+    without a VOC label, and ImageSets/Segmentation/trainaug.txt = (VOC train ∪ SBD train ∪ SBD val) − VOC val
+    (10,582 images for the real datasets). Returns {split: count}."""
+    import scipy.io
+    voc, sbd = Path(voc), Path(sbd)
+    sets = voc / "ImageSets" / "Segmentation"
+    for need in (sets / "train.txt", sets / "val.txt", sbd / "train.txt", sbd / "val.txt", sbd / "cls"):
+        if not need.exists():
+            raise UserError(f"{need}: missing; is {voc} an extracted VOC2012 and {sbd} an extracted SBD dataset/?")
+    val = set(_read_ids(sets / "val.txt"))
+    ids = sorted((set(_read_ids(sets / "train.txt")) | set(_read_ids(sbd / "train.txt"))
+                  | set(_read_ids(sbd / "val.txt"))) - val)
+    aug = voc / "SegmentationClassAug"
+    aug.mkdir(exist_ok=True)
+    for i in ids:
+        if (voc / "SegmentationClass" / f"{i}.png").exists() or (aug / f"{i}.png").exists():
+            continue
+        mat = sbd / "cls" / f"{i}.mat"
+        try:
+            label = scipy.io.loadmat(mat)["GTcls"][0]["Segmentation"][0]
+        except (OSError, KeyError, IndexError, ValueError) as e:
+            raise UserError(f"{mat}: cannot read the SBD label ({e})") from None
+        if not (voc / "JPEGImages" / f"{i}.jpg").exists():
+            raise UserError(f"{voc / 'JPEGImages' / (i + '.jpg')}: image of SBD label {mat} not found")
+        if tuple(label.shape) != image_size(voc / "JPEGImages" / f"{i}.jpg"):
+            raise UserError(f"{mat}: label is {label.shape}, its image is {image_size(voc / 'JPEGImages' / (i + '.jpg'))}")
+        save_label_png(label, aug / f"{i}.png")
+    atomic_write(sets / "trainaug.txt", lambda p: p.write_text("\n".join(ids) + "\n"))
+    return {"trainaug": len(ids), "val": len(val)}
+
+
+def download_voc(root):
+    """Fetch VOC 2012 and SBD with torchvision's dataset classes into ROOT and assemble train_aug; returns the VOC
+    root to pass as --data-root (ROOT/VOCdevkit/VOC2012)."""
+    root = Path(root)
+    try:
+        torchvision.datasets.VOCSegmentation(root, year="2012", image_set="trainval", download=True)
+        torchvision.datasets.SBDataset(root / "SBD", image_set="train", mode="segmentation", download=True)
+    except Exception as e:  # network errors come in many types (URLError, HTTPError, OSError, RuntimeError)
+        raise UserError(f"downloading PASCAL VOC 2012 / SBD into {root} failed ({type(e).__name__}: {e}); check the "
+                        "network, or download VOCtrainval_11-May-2012.tar and SBD's benchmark.tgz yourself and "
+                        "extract them there") from None
+    voc = root / "VOCdevkit" / "VOC2012"
+    counts = assemble_voc_trainaug(voc, root / "SBD")
+    print0(f"VOC ready at {voc}: {counts}")
+    if counts != {"trainaug": 10582, "val": 1449}:
+        print0(f"warning: expected 10582 train_aug and 1449 val images, got {counts}")
+    return voc
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The synthetic demo dataset
 
 SYNTH_CLASSES = ("background", "disc", "square", "triangle", "cross")
