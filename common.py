@@ -280,12 +280,13 @@ def save_mask_png(mask, path):
     atomic_write(path, lambda p: im.save(p, format="PNG"))
 
 
-def train_transform(size, scale=(0.2, 1.0)):
-    """The released pretraining augmentation, applied to image and mask jointly (the mask resampled nearest)."""
+def train_transform(size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1)):
+    """The released pretraining augmentation, applied to image and mask jointly (the mask resampled nearest);
+    `jitter` = ColorJitter's (brightness, contrast, saturation, hue)."""
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=scale, antialias=True),
         v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        v2.RandomApply([v2.ColorJitter(*jitter)], p=0.8),
         v2.RandomGrayscale(p=0.2),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -621,6 +622,67 @@ def model_from_checkpoint(ck, path="checkpoint"):
         model.load_state_dict(ck["model"])
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit a {a.get('arch')} SegModel ({str(e).splitlines()[0]})") from None
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation helpers (linear_eval.py, kmeans_eval.py, finetune.py): which model, which classes, where outputs go
+
+def load_model(checkpoint, arch, backbone_init):
+    """The network to evaluate and a one-line description: a checkpoint's SegModel, or a fresh SegModel of `arch`
+    (no saliency head) whose backbone comes from `backbone_init`."""
+    if checkpoint == "random":
+        arch = arch or "resnet50"
+        model = SegModel(arch, dim=32, saliency_head=False)
+        return model, f"fresh {arch} SegModel, {load_backbone_weights(model.backbone, backbone_init, arch)}"
+    if backbone_init not in (None, "", "random"):
+        raise UserError(f"--backbone-init {backbone_init}: only applies to --checkpoint random (a checkpoint "
+                               "brings its own backbone)")
+    ck = load_checkpoint(checkpoint)
+    if ck.get("kind") not in ("pretrain", "saliency"):
+        raise UserError(f"{checkpoint}: is a '{ck.get('kind')}' checkpoint; this needs a 'pretrain' one "
+                               "(pretrain.py) or a 'saliency' one (mine_masks.py)")
+    own = ck["args"].get("arch")
+    if arch and own and arch != own:
+        raise UserError(f"{checkpoint}: holds a {own} model but --arch says {arch}; drop --arch or pass a "
+                               f"{arch} checkpoint")
+    model = model_from_checkpoint(ck, checkpoint)
+    return model, f"{ck.get('kind')} checkpoint {checkpoint} ({model.arch}, epoch {ck.get('epoch', '?')})"
+
+
+def scan_classes(samples, classes=0):
+    """Number of classes (incl. background): `classes` when given, else the largest label in `samples` + 1."""
+    top = -1
+    for s in samples:
+        y = read_mask(s.label)
+        y = y[y != IGNORE]
+        if y.numel():
+            top = max(top, int(y.max()))
+    if classes and top >= classes:
+        raise UserError(f"{samples[0].label.parent}: labels go up to {top} but --classes is {classes}")
+    return classes or top + 1
+
+
+def class_names(n):
+    if n == len(VOC_CLASSES):
+        return list(VOC_CLASSES)
+    if n == len(SYNTH_CLASSES):
+        return list(SYNTH_CLASSES)
+    return [f"class{i}" for i in range(n)]
+
+
+def default_out(args, what):
+    if args.checkpoint != "random":
+        return Path(args.checkpoint).parent / what
+    init = Path(args.backbone_init).stem if args.backbone_init not in ("random", "imagenet") else args.backbone_init
+    return Path("runs") / f"{what}_{args.arch or 'resnet50'}_{init}"
+
+
+def freeze(model):
+    """Eval mode (BatchNorm keeps its statistics, dropout is off) and no gradients: the linear protocol."""
+    model.eval()
+    for q in model.parameters():
+        q.requires_grad_(False)
     return model
 
 

@@ -23,7 +23,7 @@ Iterations. The paper does not say how long a run trains. Every run here trains 
 100× shorter poly schedule) than the 100 % run, so the table would measure training length as much as labels; with
 equal iterations every run has the same optimisation budget and schedule, and small fractions just revisit their
 images more often under augmentation (semi-supervised segmentation protocols likewise keep the schedule independent
-of the number of labels). The default, 30,000 iterations at batch 8, is about 23 epochs of VOC train_aug (10,582
+of the number of labels). The default, 30,000 iterations at batch 8, is about 23 epochs of VOC trainaug (10,582
 images).
 
 Recipe (paper, supp. F). Batch 8, SGD momentum 0.9, weight decay 1e-4, poly decay (power 0.9, per iteration).
@@ -33,20 +33,21 @@ frozen: BN layers stay in eval mode, so their running mean/variance from pretrai
 (their affine weights still train). --low-data-recipe all|none applies that recipe to every init or to none.
 
 Commands
-  1 GPU, Table 6 (VOC 2012 with SBD labels; train_aug as the train split):
-    python finetune.py --data-root VOC2012 --train-split train_aug --init runs/voc/checkpoint.pth imagenet random \\
-        --names maskcontrast imagenet random --out runs/finetune
+  1 GPU, Table 6 (VOC 2012 + SBD labels as common.download_voc assembles them; trainaug = 10,582 train images):
+    python finetune.py --data-root VOCdevkit/VOC2012 --train-split trainaug --out runs/finetune \\
+        --init runs/pretrain/checkpoint.pth imagenet random --names maskcontrast imagenet random
   torchrun (--batch-size stays the global batch, 8):
     torchrun --nproc_per_node 2 finetune.py ...same flags...
   add a MoCo v2 row later: the same command with moco_v2_800ep.pth appended to --init, moco to --names, and
   --resume (finished runs are skipped, the split lists re-used, the table shows every row)
-  CPU demo (synthetic data of demo.sh, about 2 minutes on 2 cores):
-    python finetune.py --data-root demo_out/data --arch resnet18 --size 64 --fraction 0.05 --splits 2 --iters 60 \\
+  CPU demo (demo.sh's synthetic data; 2 % = 3 labeled images, so MaskContrast gets the low-data recipe; about
+  3 minutes on a shared 2-core CPU):
+    python finetune.py --data-root demo_out/data --arch resnet18 --size 64 --fraction 0.02 --splits 2 --iters 40 \\
         --batch-size 8 --workers 2 --init demo_out/pretrain/checkpoint.pth random --names maskcontrast random \\
         --out demo_out/finetune
 
 Paper: Table 6 compares MaskContrast (unsupervised saliency, ResNet-50) with supervised ImageNet pretraining after
-fine-tuning on 1 / 2 / 5 / 12.5 / 100 % of VOC train_aug (mIoU on VOC 2012 val); the abstract (arXiv v1) reports that
+fine-tuning on 1 / 2 / 5 / 12.5 / 100 % of VOC trainaug (mIoU on VOC 2012 val); the abstract (arXiv v1) reports that
 with 1 % of the labels MaskContrast is 7.1 mIoU above the ImageNet baseline. The table's cells are not repeated here:
 we did not have them at hand; copy them from the paper.
 
@@ -78,7 +79,7 @@ def get_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data-root", required=True, help="VOC-layout root with labels for both splits")
     g.add_argument("--train-split", default="train", help="split the labeled fractions are drawn from (paper: "
-                   "train_aug, 10,582 images; a plain VOC 2012 root only has 'train')")
+                   "trainaug, 10,582 images, see common.download_voc; a plain VOC 2012 root only has 'train')")
     g.add_argument("--val-split", default="val", help="split that is scored")
     g.add_argument("--classes", type=int, default=0, help="number of classes incl. background; 0 = largest label in "
                    "the val split + 1 (21 on VOC)")
@@ -273,19 +274,6 @@ class LoopSampler(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------------------------------------------------
 # Scoring and pictures
 
-def scan_classes(samples, classes=0):
-    """Number of classes (incl. background): `classes` when given, else the largest label in `samples` + 1."""
-    top = -1
-    for s in samples:
-        y = common.read_mask(s.label)
-        y = y[y != common.IGNORE]
-        if y.numel():
-            top = max(top, int(y.max()))
-    if classes and top >= classes:
-        raise common.UserError(f"{samples[0].label.parent}: labels go up to {top} but --classes is {classes}")
-    return classes or top + 1
-
-
 def check_labels(y, n_classes, label_path):
     if ((y >= n_classes) & (y != common.IGNORE)).any():
         raise common.UserError(f"{label_path}: has labels >= {n_classes} classes; pass --classes")
@@ -467,6 +455,7 @@ def main(argv=None):
         raise common.UserError(f"--batch-size {args.batch_size}: must be a multiple of the {rt.world} processes with "
                                "at least 2 images each (BatchNorm needs two)")
     args.fraction = sorted(set(args.fraction))
+    inits = resolve_inits(args.init, args.names, args.arch)  # before anything is written: a bad --init stops here
     out = Path(args.out)
     splits_dir = Path(args.splits_dir) if args.splits_dir else out / "splits"
     if rt.device.type == "cuda":
@@ -478,7 +467,7 @@ def main(argv=None):
     if overlap:
         raise common.UserError(f"{args.data_root}: {len(overlap)} images are in both --train-split {args.train_split} "
                                f"and --val-split {args.val_split} (e.g. {sorted(overlap)[0]}); pass disjoint splits")
-    n_classes = scan_classes(val_samples, args.classes)
+    n_classes = common.scan_classes(val_samples, args.classes)
     train_ids = [s.id for s in train_samples]
     index = {s.id: i for i, s in enumerate(train_samples)}
     subsets = labeled_subsets(train_ids, args.fraction, args.splits, args.split_seed, splits_dir, write=rt.main)
@@ -488,7 +477,6 @@ def main(argv=None):
     common.print0(f"{len(train_samples)} train / {len(val_samples)} val images, {n_classes} classes; subsets: "
                   + ", ".join(f"{f:g} → {len(subsets[(f, 0)])}" for f in args.fraction) + f" (lists in {splits_dir})")
     # ------------------------------------------------------------------------------------------------------ runs
-    inits = resolve_inits(args.init, args.names, args.arch)
     results = {}
     for init in inits:
         for f in args.fraction:

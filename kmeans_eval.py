@@ -11,7 +11,8 @@ Where the paper is silent we follow the released code (README lists these):
   * prototype = the 32-d head output (not normalised per pixel) weighted by the raw saliency logit where the logit is
     above --threshold 0.5, summed, then L2-normalised;
   * PCA to 32 dims with whitening before K-Means (--pca-dim); the background counts as one more "cluster" that takes
-    part in the matching, so --clusters 21 on VOC = 20 K-Means clusters + background.
+    part in the matching, so --clusters 21 on VOC = 20 K-Means clusters + background. An image with no foreground
+    pixel is all background and takes no part in K-Means.
 Ours differs in: full-batch Lloyd K-Means with k-means++ and --restarts (the release: sklearn's MiniBatchKMeans);
 majority vote by pixel count (the release: the class of highest IoU); labels kept at their original size (the
 release: 512² predictions resized nearest to the label); classes absent from both prediction and ground truth left out
@@ -27,7 +28,7 @@ layer of any --backbone-init) takes its foreground from a folder of masks writte
 read from ROOT/saliency_NAME or MASK_ROOT/saliency_NAME); with a folder, each prototype is the plain mean over the mask.
 
 Commands
-  1 GPU (paper):  python kmeans_eval.py --data-root VOCdevkit/VOC2012 --checkpoint runs/voc/checkpoint.pth \\
+  1 GPU (paper):  python kmeans_eval.py --data-root VOC --checkpoint runs/pretrain/checkpoint.pth \\
                       --retrieval-split train
   overclustering: ... --clusters 21 50 100 200 500
   baselines:      python kmeans_eval.py --data-root ... --checkpoint random --arch resnet50 --saliency unsup
@@ -55,7 +56,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import common
-from linear_eval import class_names, default_out, freeze, load_model, scan_classes
 
 # the released 7-class retrieval variant (the classes other works evaluate on)
 RETRIEVAL_7 = ("aeroplane", "bottle", "bus", "car", "cat", "cow", "person")
@@ -94,8 +94,8 @@ def get_args(argv=None):
     g.add_argument("--retrieval-split", default=None, help="labeled split whose prototypes form the retrieval "
                    "memory bank (released: train)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=None, help="output folder (default: CHECKPOINT_DIR/kmeans_<features>, or "
-                   "runs/kmeans_<features>_<arch>_<init> for --checkpoint random)")
+    g.add_argument("--out", default=None, help="output folder (default: CHECKPOINT_DIR/kmeans_<features>[_saliency_"
+                   "<NAME>], or runs/kmeans_<features>..._<arch>_<init> for --checkpoint random)")
     g.add_argument("--n-figures", type=int, default=8, help="val images shown in kmeans_val.png and retrieval.png")
     common.add_runtime_args(p)
     p.set_defaults(seed=1234)  # the released seeds are 1234..1238
@@ -121,7 +121,7 @@ def match_from_confusion(conf):
 
 def match_clusters(pred, gt, n_clusters, n_classes, ignore_index=common.IGNORE):
     """Cluster → class map (LongTensor (n_clusters,)) from cluster ids `pred` and labels `gt` of the same shape:
-    one-to-one Hungarian on IoU when n_clusters == n_classes, majority vote when overclustering."""
+    one-to-one Hungarian on IoU when n_clusters == n_classes (also when fewer), majority vote when overclustering."""
     pred, gt = pred.reshape(-1).long(), gt.reshape(-1).long().to(pred.device)
     keep = gt != ignore_index
     conf = torch.bincount(pred[keep] * n_classes + gt[keep], minlength=n_clusters * n_classes)
@@ -358,7 +358,8 @@ def main(argv=None):
     device = rt.device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    out = Path(args.out) if args.out else default_out(args, f"kmeans_{args.features}")
+    out = Path(args.out) if args.out else common.default_out(
+        args, f"kmeans_{args.features}" + (f"_saliency_{args.saliency}" if args.saliency else ""))
 
     # ------------------------------------------------------------------------------------------------------ data
     val = common.list_samples(args.data_root, args.split, saliency=args.saliency, mask_root=args.mask_root,
@@ -374,20 +375,20 @@ def main(argv=None):
                                    f"mine_masks.py on {args.data_root} first")
         if dropped:
             print(f"{len(dropped)} images listed in {d / 'dropped.txt'} count as having no foreground")
-    n_classes = scan_classes(val + bank_samples, args.classes)
-    names = class_names(n_classes)
+    n_classes = common.scan_classes(val + bank_samples, args.classes)
+    names = common.class_names(n_classes)
     clusters = args.clusters or [n_classes]
 
     # ----------------------------------------------------------------------------------------------------- model
     common.seed_all(args.seed)
-    model, desc = load_model(args.checkpoint, args.arch, args.backbone_init)
+    model, desc = common.load_model(args.checkpoint, args.arch, args.backbone_init)
     if args.features == "head" and model.saliency_head is None and not args.saliency:
         raise common.UserError(f"{args.checkpoint}: this model has no saliency head; pass --saliency NAME (masks "
                                "written by mine_masks.py) to take the foreground from a folder")
     if args.features == "backbone" and not args.saliency:
         raise common.UserError("--features backbone has no saliency head; pass --saliency NAME (masks written by "
                                "mine_masks.py)")
-    model = freeze(model.to(device))
+    model = common.freeze(model.to(device))
     fg_from = f"masks {common.saliency_dir(args.data_root, args.saliency, args.mask_root)}" if args.saliency else \
         f"saliency head (logit > {args.threshold})"
     print(f"{desc}; {args.features} embeddings; foreground from {fg_from}; {len(val)} {args.split} images, "

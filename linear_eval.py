@@ -15,8 +15,8 @@ architecture as MaskContrast with random weights). `--predict DIR` segments a fo
 trained classifier (palette PNGs + overlays).
 
 Commands
-  1 GPU (paper):   python linear_eval.py --data-root VOCdevkit/VOC2012 --train-split trainaug \\
-                       --checkpoint runs/voc/checkpoint.pth
+  1 GPU (paper):   python linear_eval.py --data-root VOC --train-split trainaug \\
+                       --checkpoint runs/pretrain/checkpoint.pth
   released config: ... --lr-step 25
   torchrun:        torchrun --nproc_per_node 2 linear_eval.py ...same flags... (--batch-size is the global batch)
   baselines:       python linear_eval.py --data-root ... --features backbone --arch resnet50 --backbone-init imagenet
@@ -87,69 +87,8 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Helpers that kmeans_eval.py shares: which model, which classes, where outputs go
-
-def load_model(checkpoint, arch, backbone_init, kinds=("pretrain", "saliency")):
-    """The network to evaluate and a one-line description: a checkpoint's SegModel, or a fresh SegModel of `arch`
-    (no saliency head) whose backbone comes from `backbone_init`."""
-    if checkpoint == "random":
-        arch = arch or "resnet50"
-        model = common.SegModel(arch, dim=32, saliency_head=False)
-        return model, f"fresh {arch} SegModel, {common.load_backbone_weights(model.backbone, backbone_init, arch)}"
-    if backbone_init not in (None, "", "random"):
-        raise common.UserError(f"--backbone-init {backbone_init}: only applies to --checkpoint random (a checkpoint "
-                               "brings its own backbone)")
-    ck = common.load_checkpoint(checkpoint)
-    if ck.get("kind") not in kinds:
-        raise common.UserError(f"{checkpoint}: is a '{ck.get('kind')}' checkpoint; pass one written by "
-                               f"{' or '.join(kinds)} (pretrain.py / mine_masks.py)")
-    own = ck["args"].get("arch")
-    if arch and own and arch != own:
-        raise common.UserError(f"{checkpoint}: holds a {own} model but --arch says {arch}; drop --arch or pass a "
-                               f"{arch} checkpoint")
-    model = common.model_from_checkpoint(ck, checkpoint)
-    return model, f"{ck.get('kind')} checkpoint {checkpoint} ({model.arch}, epoch {ck.get('epoch', '?')})"
-
-
-def scan_classes(samples, classes=0):
-    """Number of classes (incl. background): `classes` when given, else the largest label in `samples` + 1."""
-    top = -1
-    for s in samples:
-        y = common.read_mask(s.label)
-        y = y[y != common.IGNORE]
-        if y.numel():
-            top = max(top, int(y.max()))
-    if classes and top >= classes:
-        raise common.UserError(f"{samples[0].label.parent}: labels go up to {top} but --classes is {classes}")
-    return classes or top + 1
-
-
-def class_names(n):
-    if n == len(common.VOC_CLASSES):
-        return list(common.VOC_CLASSES)
-    if n == len(common.SYNTH_CLASSES):
-        return list(common.SYNTH_CLASSES)
-    return [f"class{i}" for i in range(n)]
-
-
-def default_out(args, what):
-    if args.checkpoint != "random":
-        return Path(args.checkpoint).parent / what
-    init = Path(args.backbone_init).stem if args.backbone_init not in ("random", "imagenet") else args.backbone_init
-    return Path("runs") / f"{what}_{args.arch or 'resnet50'}_{init}"
-
-
 def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def freeze(model):
-    """Eval mode (BatchNorm keeps its statistics, dropout is off) and no gradients: the linear protocol."""
-    model.eval()
-    for q in model.parameters():
-        q.requires_grad_(False)
-    return model
 
 
 def check_frozen(model, before):
@@ -260,13 +199,13 @@ def main(argv=None):
     device = rt.device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels once
-    out = Path(args.out) if args.out else default_out(args, f"linear_{args.features}")
+    out = Path(args.out) if args.out else common.default_out(args, f"linear_{args.features}")
 
     # ------------------------------------------------------------------------------------------------------ data
     train_samples = common.list_samples(args.data_root, args.train_split, labels=True)
     val_samples = common.list_samples(args.data_root, args.val_split, labels=True)
-    n_classes = scan_classes(val_samples + train_samples, args.classes)
-    names = class_names(n_classes)
+    n_classes = common.scan_classes(val_samples + train_samples, args.classes)
+    names = common.class_names(n_classes)
     train_ds = common.SegDataset(train_samples, common.seg_train_transform(args.size))
     sampler = DistributedSampler(train_ds, shuffle=True, seed=args.seed) if rt.world > 1 else None
     loader = DataLoader(train_ds, batch_size=max(1, args.batch_size // rt.world), shuffle=sampler is None,
@@ -275,8 +214,8 @@ def main(argv=None):
 
     # ----------------------------------------------------------------------------------------------------- model
     common.seed_all(args.seed)  # the same random init on every process
-    model, desc = load_model(args.checkpoint, args.arch, args.backbone_init)
-    model = freeze(model.to(device))
+    model, desc = common.load_model(args.checkpoint, args.arch, args.backbone_init)
+    model = common.freeze(model.to(device))
     extract = model.features if args.features == "decoder" else model.backbone_features
     channels = 256 if args.features == "decoder" else common.ARCH_CHANNELS[model.arch]
     before = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

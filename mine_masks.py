@@ -1,9 +1,10 @@
 """Mine one salient-object mask per image, from raw images with no labels and no downloads (MaskContrast, Van Gansbeke
 et al. ICCV 2021, Sec. 3.2 "mask proposals": the masks that pretrain.py contrasts).
 
-The paper takes its masks from an off-the-shelf saliency estimator: unsupervised (DeepUSPS, Nguyen et al. NeurIPS 2019:
-hand-crafted priors → a network trained on them → bootstrapping) or supervised (BAS-Net trained on DUTS). The release
-ships only the resulting PNGs. This script makes them, in one of three modes that share post-processing and output:
+The paper takes its masks from an off-the-shelf saliency estimator: unsupervised (DeepUSPS, Nguyen et al. NeurIPS
+2019: hand-crafted priors → a network trained on them → bootstrapping) or supervised (BAS-Net trained on DUTS). The
+release ships only the resulting PNGs. This script makes them, in one of three modes that share post-processing and
+output:
 
 1. unsupervised (default)
    a. two classical saliency priors, batched in torch (GPU when there is one), fused by their mean:
@@ -19,7 +20,8 @@ ships only the resulting PNGs. This script makes them, in one of three modes tha
    b. a saliency network, common.SegModel's 1-channel head on any --arch, trained with BCE on the confident pixels of
       the fused prior only (> --fg-thresh as object, < --bg-thresh as background, the band between ignored);
    c. --rounds R: R networks, each fresh; the first learns from the priors, each next from its predecessor's
-      predictions with flip test-time augmentation (DeepUSPS's and the paper's bootstrapping).
+      predictions with flip test-time augmentation (DeepUSPS's and the paper's bootstrapping), averaged with the
+      priors (--prior-weight 0.5; 0 = the predictions alone) so that an over-inclusive network cannot snowball.
 2. supervised (--train-images DIR --train-masks DIR, e.g. DUTS-TR): the same network trained on labeled masks.
 3. import (--import-maps DIR): saliency maps from any other tool (grey PNGs of any size) are only post-processed.
 
@@ -31,12 +33,16 @@ every stage (MAE, max F-beta with beta² = 0.3, IoU at 0.5, at original size) an
 image | prior | prediction | mask | ground truth in --out.
 
 Commands
-  # CPU demo on the synthetic data (what demo.sh runs), masks written to data/synth/saliency_mined/
-  python mine_masks.py --data-root data/synth --split train --arch resnet18 --size 64 --prior-size 64 \\
-      --epochs 4 --rounds 1 --out runs/mine_synth
+  # CPU demo on the synthetic data (demo.sh), priors only, masks written to demo_out/data/saliency_mined/
+  python mine_masks.py --data-root demo_out/data --split train --rounds 0 --prior-size 96 \\
+      --eval-masks demo_out/data/saliency_oracle --out demo_out/mine_masks
+  # 2-core CPU, ECSSD, priors + one network round (the measured run in notes/mine_masks.md, about 10 minutes)
+  OMP_NUM_THREADS=1 python mine_masks.py --data-root ../shared/data/ecssd/images --out-root runs/ecssd \\
+      --name unsup --eval-masks ../shared/data/ecssd/masks --arch resnet18 --size 96 --epochs 2 --batch-size 8 \\
+      --rounds 1 --workers 1 --out runs/mine_ecssd_cpu
   # one GPU, ECSSD, unsupervised, scored against its masks (masks written under runs/ecssd/saliency_unsup/)
   python mine_masks.py --data-root ../shared/data/ecssd/images --out-root runs/ecssd --name unsup \\
-      --eval-masks ../shared/data/ecssd/masks --arch resnet50 --backbone imagenet --out runs/mine_ecssd
+      --eval-masks ../shared/data/ecssd/masks --arch resnet50 --backbone-init imagenet --out runs/mine_ecssd
   # supervised saliency model (the paper's stronger variant) trained on DUTS-TR, predicting PASCAL VOC
   python mine_masks.py --data-root VOCdevkit/VOC2012 --split trainaug --name sup \\
       --train-images DUTS-TR/images --train-masks DUTS-TR/masks --out runs/mine_voc_sup
@@ -48,7 +54,6 @@ Numbers the papers report (max F-beta on ECSSD): RBD 0.68 (the classical level),
 backbone), BAS-Net 0.938 (supervised). What this script reaches here, with the hardware it took: notes/mine_masks.md.
 """
 import argparse
-import math
 import os
 import time
 from pathlib import Path
@@ -136,24 +141,31 @@ def border_contrast(lab, frac=0.1):
     return (d.sum(0) - d.amax(0)).view(B, H, W)
 
 
-def _maxpool_sep(x, k):
-    """k×k max filter as two 1-D passes (much cheaper than one k×k window)."""
-    x = F.max_pool2d(x, (k, 1), 1, (k // 2, 0))
-    return F.max_pool2d(x, (1, k), 1, (0, k // 2))
+def _dilate(x, steps):
+    """Grey dilation by a (2·steps+1)² square, as `steps` 3×3 max filters made of shifted maxima (several times
+    faster than max_pool2d with stride 1 on a CPU)."""
+    for _ in range(steps):
+        y = x.clone()
+        y[..., 1:, :] = torch.maximum(y[..., 1:, :], x[..., :-1, :])
+        y[..., :-1, :] = torch.maximum(y[..., :-1, :], x[..., 1:, :])
+        x = y.clone()
+        x[..., 1:] = torch.maximum(x[..., 1:], y[..., :-1])
+        x[..., :-1] = torch.maximum(x[..., :-1], y[..., 1:])
+    return x
 
 
 def morph_smooth(s, k):
-    """Opening then closing by reconstruction (k×k structuring element): removes small bright and dark specks and
-    keeps the edges of what remains. Reconstruction is bounded to k/2 + 1 geodesic 3×3 steps."""
-    s = s[:, None]
-    marker = -_maxpool_sep(-s, k)
-    for _ in range(k // 2 + 1):
-        marker = torch.minimum(F.max_pool2d(marker, 3, 1, 1), s)
+    """Opening then closing by reconstruction with a k×k square: removes bright and dark specks smaller than k and
+    keeps the edges of what remains (reconstruction bounded to k/2 + 1 geodesic steps)."""
+    r = k // 2
+    marker = -_dilate(-s, r)
+    for _ in range(r + 1):
+        marker = torch.minimum(_dilate(marker, 1), s)
     s = marker
-    marker = _maxpool_sep(s, k)
-    for _ in range(k // 2 + 1):
-        marker = torch.maximum(-F.max_pool2d(-marker, 3, 1, 1), s)
-    return marker[:, 0]
+    marker = _dilate(s, r)
+    for _ in range(r + 1):
+        marker = torch.maximum(-_dilate(-marker, 1), s)
+    return marker
 
 
 def otsu(x, bins=64):
@@ -190,8 +202,8 @@ def mbd_prior(rgb):
 
 def slic(lab, grid=16, cell=8, compactness=10.0, iters=5):
     """SLIC superpixels on a grid×grid lattice, the image resampled to (grid·cell)²: each pixel joins the nearest
-    (Lab + scaled position) of the 9 centres around its own block, as one batched matmul. Returns labels
-    (B, n, n) in [0, grid²), pixel counts (B, K) and centres (B, K, 5) = mean Lab and mean position (·compactness/cell)."""
+    (Lab + scaled position) of the 9 centres around its own block, as one batched matmul. Returns labels (B, n, n)
+    in [0, grid²), pixel counts (B, K) and centres (B, K, 5): mean Lab and mean position (× compactness / cell)."""
     B, g, n = lab.shape[0], grid, grid * cell
     x = F.interpolate(lab, size=(n, n), mode="bilinear", align_corners=False, antialias=True)
     r = torch.arange(n, device=lab.device, dtype=lab.dtype) * (compactness / cell)
@@ -240,7 +252,9 @@ def rbd_prior(rgb, grid=16, cell=8, sigma_clr=10.0, sigma_bndcon=1.0, sigma_spa=
     # graph); the tiny offset keeps identical neighbours connected (csgraph reads a 0 weight as "no edge")
     link = (adj | (on_border[:, :, None] & on_border[:, None, :])) & ~eye
     weights = ((d_app + 1e-3) * link).cpu().numpy()
-    geo = np.stack([scipy.sparse.csgraph.shortest_path(scipy.sparse.csr_matrix(w), directed=False) for w in weights])
+    # paths longer than 4 sigma weigh under exp(−8): Dijkstra may stop there, which makes it several times faster
+    geo = np.stack([scipy.sparse.csgraph.dijkstra(scipy.sparse.csr_matrix(w), directed=False, limit=4 * sigma_clr)
+                    for w in weights])
     span = torch.exp(-torch.from_numpy(geo).to(dev, torch.float32) ** 2 / (2 * sigma_clr ** 2)) * valid[:, None]
     bndcon = (span * on_border[:, None]).sum(2) / span.sum(2).clamp(min=1e-8).sqrt()  # Len_bnd / sqrt(Area)
     w_bg = 1 - torch.exp(-bndcon ** 2 / (2 * sigma_bndcon ** 2))
@@ -273,13 +287,13 @@ class SaliencyMeter:
         prob, gt = torch.as_tensor(prob, dtype=torch.float32), torch.as_tensor(gt).bool()
         self.mae.append(float((prob - gt.float()).abs().mean()))
         q = (prob * 255).round().long().clamp(0, 255)
-        tp = torch.bincount(q[gt], minlength=256).flip(0).cumsum(0).flip(0).double()  # tp[k]: #fg with q ≥ k
-        fp = torch.bincount(q[~gt], minlength=256).flip(0).cumsum(0).flip(0).double()
+        hist = torch.bincount((q + 256 * gt).flatten(), minlength=512).view(2, 256)  # [background, object] × level
+        fp, tp = hist.flip(1).cumsum(1).flip(1).double()  # tp[k]: object pixels with round(255 p) ≥ k
+        n_fg = tp[0]
         self.prec.append(torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), torch.zeros_like(tp)))
-        self.rec.append(tp / gt.sum() if gt.any() else torch.zeros_like(tp))
-        pred = prob >= 0.5
-        union = (pred | gt).sum()
-        self.iou.append(float((pred & gt).sum() / union) if union > 0 else 1.0)
+        self.rec.append(tp / n_fg if n_fg > 0 else torch.zeros_like(tp))
+        union = n_fg + fp[128]  # p ≥ 0.5 ⇔ round(255 p) ≥ 128
+        self.iou.append(float(tp[128] / union) if union > 0 else 1.0)
 
     def result(self):
         p, r = torch.stack(self.prec).mean(0), torch.stack(self.rec).mean(0)
@@ -389,11 +403,18 @@ class _PseudoLabeled(torch.utils.data.Dataset):
         return x, y.long()
 
 
+def stage_config(args):
+    """The settings a stored stage or network depends on (not --rounds: more rounds reuse the earlier ones)."""
+    return {k: getattr(args, k) for k in ("priors", "prior_size", "arch", "backbone_init", "size", "epochs",
+                                          "batch_size", "lr", "wd", "fg_thresh", "bg_thresh", "prior_weight", "seed",
+                                          "train_images", "train_masks")}
+
+
 def train_network(images, labels, args, device, ckpt_path, tag, seed):
     """A fresh SegModel trained with BCE on the labeled pixels of `labels`; checkpointed every epoch (resumable)."""
     common.seed_all(seed)
     model = common.SegModel(args.arch, 32, saliency_head=True)
-    msg = common.load_backbone_weights(model.backbone, args.backbone, args.arch)
+    msg = common.load_backbone_weights(model.backbone, args.backbone_init, args.arch)
     model.to(device)
     # the released pretraining augmentation, image and pseudo-label jointly (crops, flip, colour jitter, greyscale)
     data = _PseudoLabeled(images, labels, common.train_transform(args.size, scale=(0.3, 1.0)))
@@ -405,8 +426,11 @@ def train_network(images, labels, args, device, ckpt_path, tag, seed):
     scaler = common.make_scaler(device, args.amp)
     total = args.epochs * len(loader)
     start = 0
-    if args.resume and ckpt_path.is_file():
-        ck = common.load_checkpoint(ckpt_path, kind="saliency")
+    ck = common.load_checkpoint(ckpt_path, kind="saliency") if args.resume and ckpt_path.is_file() else None
+    if ck is not None and {k: ck["args"].get(k) for k in stage_config(args)} != stage_config(args):
+        common.print0(f"[{tag}] {ckpt_path} was trained with other settings: starting afresh")
+        ck = None
+    if ck is not None:
         try:
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
@@ -452,7 +476,7 @@ def predict(model, images, args, device, out_size):
     norm = common.eval_transform(args.size)
     out = torch.empty(len(images), out_size, out_size, dtype=torch.uint8)
     for i in range(0, len(images), args.batch_size):
-        x = norm(images[i:i + args.batch_size]).to(device)
+        x = norm(images[i:i + args.batch_size].to(device))
         with common.autocast(device, args.amp):
             p = torch.sigmoid(model(x)[1].float()) + torch.sigmoid(model(x.flip(-1))[1].float()).flip(-1)
         p = F.interpolate(p[:, None] / 2, size=(out_size, out_size), mode="bilinear", align_corners=False)[:, 0]
@@ -478,8 +502,9 @@ def get_args(argv=None):
                    help="one or more VOC-layout roots or plain image folders: the images to mine masks for")
     g.add_argument("--split", default=None, help="VOC split list to use (all JPEGImages when not given)")
     g.add_argument("--name", default="mined", help="masks go to OUT_ROOT/saliency_<name>/")
-    g.add_argument("--out-root", default=None,
-                   help="write saliency_<name>/ here instead of inside each data root (for read-only data)")
+    g.add_argument("--out-root", "--mask-root", dest="out_root", default=None,
+                   help="write saliency_<name>/ here instead of inside each data root (for read-only data); "
+                        "pretrain.py's --mask-root then reads them")
     g.add_argument("--out", default="runs/mine_masks", help="work folder: checkpoints, stage maps, grid, summary")
     g.add_argument("--eval-masks", default=None, help="ground-truth masks (matched by file name) to score each stage")
     g = p.add_argument_group("mode (unsupervised when neither is given)")
@@ -490,22 +515,26 @@ def get_args(argv=None):
     g.add_argument("--priors", default="mbd,rbd", help=f"comma list of {', '.join(PRIORS)}; fused by their mean")
     g.add_argument("--prior-size", type=int, default=224, help="images are resized to this square for the priors; "
                    "stage maps are kept at this size")
-    g.add_argument("--prior-batch", type=int, default=32)
+    g.add_argument("--prior-batch", type=int, default=32, help="images per batch of the priors")
     g = p.add_argument_group("network")
-    g.add_argument("--arch", default="resnet50", choices=list(common.ARCH_CHANNELS))
-    g.add_argument("--backbone", default="random", help="random, imagenet, or a ResNet / MoCo state-dict file")
+    g.add_argument("--arch", default="resnet50", choices=list(common.ARCH_CHANNELS), help="saliency network backbone")
+    g.add_argument("--backbone-init", default="random",
+                   help="random, imagenet (torchvision's weights, needs a network) or a ResNet / MoCo state-dict file")
     g.add_argument("--rounds", type=int, default=2,
                    help="networks trained one after another (1st on the priors, next on the last one's "
                         "predictions); 0 = masks straight from the priors")
+    g.add_argument("--prior-weight", type=float, default=0.5,
+                   help="rounds after the first learn from this mix of priors and the last round's predictions "
+                        "(0 = predictions alone, as DeepUSPS)")
     g.add_argument("--size", type=int, default=224, help="network input size")
     g.add_argument("--epochs", type=int, default=10, help="epochs per network")
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--batch-size", type=int, default=16, help="training and prediction batch")
     g.add_argument("--lr", type=float, default=1e-3, help="AdamW, poly decay")
-    g.add_argument("--wd", type=float, default=1e-4)
+    g.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay")
     g.add_argument("--fg-thresh", type=float, default=0.7, help="pseudo-label: object above this")
     g.add_argument("--bg-thresh", type=float, default=0.3, help="pseudo-label: background below this; between: ignored")
     g = p.add_argument_group("post-processing and output")
-    g.add_argument("--threshold", type=float, default=0.5)
+    g.add_argument("--threshold", type=float, default=0.5, help="a pixel is object when its map is at least this")
     g.add_argument("--min-area", type=float, default=0.01,
                    help="components and whole masks under this share of the image are removed / dropped")
     g.add_argument("--grid", type=int, default=6, help="images in the picture grid (0 = none)")
@@ -575,19 +604,25 @@ def main(argv=None):
         common.print0(f"  {name:<14} MAE {r['mae']:.3f}  max-F {r['max_f']:.3f}  IoU {r['iou']:.3f}")
         return r
 
+    config = stage_config(args)
+
     def run_stage(name, compute):
         """Load a finished stage from --out when resuming, else compute it (returning uint8 maps) and store it."""
         path = out / f"maps_{name}.pt"
         if args.resume and path.is_file():
-            st = torch.load(path, weights_only=True)
-            if st["ids"] == ids and st["maps"].shape[-1] == S:
+            try:
+                st = torch.load(path, weights_only=True)
+            except Exception as e:  # torch raises many types for a damaged file
+                raise common.UserError(f"{path}: unreadable stage file ({type(e).__name__}); delete it or drop "
+                                       "--resume") from None
+            if st["ids"] == ids and st.get("config") == config:
                 common.print0(f"[{name}] reused from {path}")
                 times.update(st["times"])
                 stages.append((name, st["maps"], st["metrics"]))
                 for extra in st.get("extra", []):
                     stages.insert(-1, tuple(extra))
                 return st["maps"]
-            common.print0(f"[{name}] {path} was made for other images or sizes: recomputing")
+            common.print0(f"[{name}] {path} was made for other images or settings: recomputing")
         t = time.time()
         before = len(stages)
         maps = compute()
@@ -595,8 +630,9 @@ def main(argv=None):
         metrics = score(lambda i: to_size(maps[i], sizes[i]), name)
         extra = [(n, None, m) for n, _, m in stages[before:]]
         stages.append((name, maps, metrics))
-        common.atomic_write(path, lambda p: torch.save({"ids": ids, "maps": maps, "metrics": metrics, "extra": extra,
-                                                       "times": {k: v for k, v in times.items() if k != "load"}}, p))
+        common.atomic_write(path, lambda p: torch.save({"ids": ids, "config": config, "maps": maps, "metrics": metrics,
+                                                       "extra": extra, "times": {k: v for k, v in times.items()
+                                                                                 if k != "load"}}, p))
         return maps
 
     # ---- priors (unsupervised mode): each one scored on its own, then their mean
@@ -628,10 +664,15 @@ def main(argv=None):
     if args.mode == "unsupervised":
         prior = final = run_stage("priors", compute_priors)
         for r in range(1, args.rounds + 1):
-            labels = pseudo_labels(final, args.fg_thresh, args.bg_thresh)
+            # later rounds stay anchored to the priors: a young network calls most of its uncertain band object, and
+            # relabelling from its maps alone snowballs (synthetic demo: 30 % → 57 % → 92 % of pixels "object")
+            target = final if r == 1 else (args.prior_weight * prior + (1 - args.prior_weight) * final.float()).round()
+            labels = pseudo_labels(target.to(torch.uint8), args.fg_thresh, args.bg_thresh)
             conf = (labels != common.IGNORE).float().mean().item()
-            common.print0(f"[round{r}] learns from {conf:.0%} confident pixels of the "
-                          f"{'priors' if r == 1 else f'round {r - 1} predictions'}")
+            src = "priors" if r == 1 else f"round {r - 1} predictions" + (
+                f" averaged with the priors (weight {args.prior_weight})" if args.prior_weight else "")
+            common.print0(f"[round{r}] learns from {conf:.0%} confident pixels of the {src}; "
+                          f"{(labels == 1).float().mean().item():.0%} object")
             final = run_stage(f"round{r}", net_stage(f"round{r}", images, labels, args.seed + r))
         final_at = lambda i: to_size(final[i], sizes[i])  # noqa: E731
     elif args.mode == "supervised":

@@ -183,8 +183,9 @@ class ViewPairs(Dataset):
     """(query view, its mask, key view, its mask). Both views must show a salient fraction strictly between min_area
     and max_area: a few draws per image, then a random other image, and after `max_images` images an error."""
 
-    def __init__(self, samples, size, min_area=0.01, max_area=0.99, tries=3, max_images=20, same_view=False):
-        self.samples, self.t = samples, train_transform(size)
+    def __init__(self, samples, size, min_area=0.01, max_area=0.99, tries=3, max_images=20, same_view=False,
+                 jitter=(0.4, 0.4, 0.4, 0.1)):
+        self.samples, self.t = samples, train_transform(size, jitter=jitter)
         self.min_area, self.max_area, self.tries, self.max_images = min_area, max_area, tries, max_images
         self.same_view = same_view
 
@@ -234,6 +235,8 @@ def get_args(argv=None):
     g.add_argument("--min-area", type=float, default=0.01, help="salient share of a view must exceed this "
                    "(released code 0.01; the paper's text says 0.1)")
     g.add_argument("--max-area", type=float, default=0.99, help="... and stay below this")
+    g.add_argument("--color-jitter", type=float, nargs=4, default=[0.4, 0.4, 0.4, 0.1], metavar=("B", "C", "S", "H"),
+                   help="ColorJitter brightness, contrast, saturation, hue (applied with p=0.8)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", help="resnet50 (paper) | resnet18 | resnet34 | resnet101")
     g.add_argument("--backbone-init", default="random",
@@ -280,7 +283,8 @@ def main(argv=None):
     samples = pretrain_samples(args.data_root, args.split, args.saliency, args.mask_root, args.missing_masks)
     if len(samples) < args.batch_size:
         raise UserError(f"{len(samples)} images is fewer than one batch (--batch-size {args.batch_size})")
-    dataset = ViewPairs(samples, args.size, args.min_area, args.max_area, same_view=args.no_views)
+    dataset = ViewPairs(samples, args.size, args.min_area, args.max_area, same_view=args.no_views,
+                        jitter=args.color_jitter)
     gen = torch.Generator()
     sampler = DistributedSampler(dataset, seed=args.seed, drop_last=True) if rt.world > 1 else None
     loader = DataLoader(dataset, batch_size=args.batch_size // rt.world, shuffle=sampler is None, sampler=sampler,

@@ -156,6 +156,24 @@ def test_end_to_end_with_retrieval(tiny_root, pretrain_ck, tmp_path, capsys):
         assert (out / png).stat().st_size > 1000
 
 
+def test_baseline_with_mask_folder_and_dropped_images(tiny_root, tmp_path, capsys):
+    """A model without saliency head reads mined masks; images mine_masks.py dropped count as no foreground, a mask
+    missing for any other reason is an error."""
+    masks = tmp_path / "mined" / "saliency_m"
+    shutil.copytree(tiny_root / "saliency_oracle", masks)
+    (masks / "val_0002.png").unlink()
+    argv = ["--data-root", str(tiny_root), "--checkpoint", "random", "--arch", "resnet18", "--saliency", "m",
+            "--mask-root", str(tmp_path / "mined"), "--size", "32", "--workers", "0", "--n-seeds", "1",
+            "--out", str(tmp_path / "o"), "--n-figures", "0"]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and "val_0002.png" in err and len(err.strip().splitlines()) == 1
+    (masks / "dropped.txt").write_text("val_0002\n")
+    res = ke.main(argv)
+    assert res["with_foreground"] == 7 and res["clusters"]["5"]["miou_mean"] > 0
+    # oracle foreground: background is exact wherever the dropped image has no object pixels
+    assert res["clusters"]["5"]["per_class_iou_mean"]["background"] > 90
+
+
 def test_bad_input_is_one_line(synth_root, pretrain_ck, tmp_path, capsys):
     base = ["--data-root", str(synth_root), "--size", "32", "--workers", "0", "--out", str(tmp_path / "o")]
     # no saliency head, no saliency folder

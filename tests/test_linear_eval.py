@@ -37,7 +37,7 @@ def _one_epoch(model, synth_root, frozen):
     samples = common.list_samples(synth_root, "train", labels=True)[:4]
     loader = DataLoader(common.SegDataset(samples, common.seg_train_transform(32)), batch_size=4)
     if frozen:
-        le.freeze(model)
+        common.freeze(model)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     clf = torch.nn.Conv2d(256, 5, 1)
     opt = torch.optim.SGD(clf.parameters(), lr=0.1)
@@ -57,7 +57,7 @@ def test_sanity_check_fails_if_backbone_left_trainable(synth_root):
     before, _, _ = _one_epoch(model, synth_root, frozen=False)
     with pytest.raises(RuntimeError, match="sanity check failed"):
         le.check_frozen(model, before)
-    le.freeze(model)  # a single touched weight is caught too
+    common.freeze(model)  # a single touched weight is caught too
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         model.backbone.layer1[0].conv1.weight[0, 0, 0, 0] += 1e-6
@@ -80,7 +80,7 @@ def test_scored_at_original_label_size(tmp_path):
         common.save_label_png(lab.numpy(), root / "SegmentationClass" / f"im{i}.png")
     (root / "ImageSets/Segmentation/val.txt").write_text("im0\nim1\n")
     args = le.get_args(["--data-root", str(root), "--size", "32", "--workers", "0", "--amp", "none"])
-    model = le.freeze(common.SegModel("resnet18", 32))
+    model = common.freeze(common.SegModel("resnet18", 32))
     samples = common.list_samples(root, "val", labels=True)
     conf, shown = le.evaluate(model.features, torch.nn.Conv2d(256, 3, 1), samples, args, torch.device("cpu"), 3, 2,
                               keep=2)

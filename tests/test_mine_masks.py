@@ -118,7 +118,8 @@ def test_unsupervised_end_to_end_writes_masks_that_pretraining_can_load(synth_ro
         m = common.read_mask(s.saliency)
         assert tuple(m.shape) == common.image_size(s.image)
         assert set(np.unique(m.numpy())) <= {0, 255} and (m > 0).float().mean() >= 0.01
-    pretrain = pytest.importorskip("pretrain")  # and pretrain.py takes exactly the kept ones, dropped.txt excusing the rest
+    # pretrain.py takes exactly the kept images (dropped.txt excuses the others)
+    pretrain = pytest.importorskip("pretrain")
     assert sorted(s.id for s in pretrain.pretrain_samples([synth_root], "val", "mined", out_root)) == \
         sorted(s.id for s in kept)
     assert (work / "grid.png").is_file() and (work / "round1.pth").is_file()
