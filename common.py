@@ -386,6 +386,20 @@ def assemble_voc_trainaug(voc, sbd):
     return {"trainaug": len(ids), "val": len(val)}
 
 
+def add_download_arg(group):
+    group.add_argument("--download", action="store_true", help="fetch PASCAL VOC 2012 + SBD into the (first) "
+                       "--data-root with torchvision, assemble the trainaug split, and read from there")
+
+
+def resolve_download(args):
+    """With --download, fetch VOC into the (first) --data-root and point --data-root at the VOC2012 folder."""
+    if getattr(args, "download", False):
+        if isinstance(args.data_root, list):
+            args.data_root[0] = str(download_voc(args.data_root[0]))
+        else:
+            args.data_root = str(download_voc(args.data_root))
+
+
 def download_voc(root):
     """Fetch VOC 2012 and SBD with torchvision's dataset classes into ROOT and assemble train_aug; returns the VOC
     root to pass as --data-root (ROOT/VOCdevkit/VOC2012)."""

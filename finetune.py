@@ -78,6 +78,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data-root", required=True, help="VOC-layout root with labels for both splits")
+    common.add_download_arg(g)
     g.add_argument("--train-split", default="train", help="split the labeled fractions are drawn from (paper: "
                    "trainaug, 10,582 images, see common.download_voc; a plain VOC 2012 root only has 'train')")
     g.add_argument("--val-split", default="val", help="split that is scored")
@@ -446,6 +447,7 @@ def finetune_run(init, fraction, split, ids, train_samples, val_samples, n_class
 def main(argv=None):
     # ------------------------------------------------------------------------------------------------------ args
     args = get_args(argv)
+    common.resolve_download(args)
     rt = common.setup_runtime(args.device)
     if any(not 0 < f <= 1 for f in args.fraction):
         raise common.UserError(f"--fraction {args.fraction}: each must be in (0, 1]")

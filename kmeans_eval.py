@@ -65,6 +65,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data-root", required=True, help="VOC-layout root with labels (SegmentationClass[Aug])")
+    common.add_download_arg(g)
     g.add_argument("--split", default="val", help="split that is clustered and scored")
     g.add_argument("--classes", type=int, default=0, help="number of classes incl. background; 0 = largest label in "
                    "the split(s) + 1 (21 on VOC)")
@@ -352,6 +353,7 @@ def save_retrieval_figure(query_samples, bank_samples, neighbours, has_fg, path,
 def main(argv=None):
     # ------------------------------------------------------------------------------------------------------ args
     args = get_args(argv)
+    common.resolve_download(args)
     rt = common.setup_runtime(args.device)
     if rt.world > 1:
         raise common.UserError("kmeans_eval.py runs as one process (it takes seconds on one GPU); drop torchrun")

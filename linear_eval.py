@@ -54,6 +54,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data-root", required=True, help="VOC-layout root with labels (SegmentationClass[Aug])")
+    common.add_download_arg(g)
     g.add_argument("--train-split", default="trainaug", help="split the classifier is trained on (paper: trainaug, "
                    "10,582 images; a plain VOC 2012 root only has 'train')")
     g.add_argument("--val-split", default="val", help="split that is scored")
@@ -195,6 +196,7 @@ def predict_folder(extract, classifier, folder, out, args, device, n_classes):
 def main(argv=None):
     # ------------------------------------------------------------------------------------------------------ args
     args = get_args(argv)
+    common.resolve_download(args)
     rt = common.setup_runtime(args.device)
     device = rt.device
     if device.type == "cuda":

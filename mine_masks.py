@@ -500,6 +500,7 @@ def get_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data-root", nargs="+", required=True,
                    help="one or more VOC-layout roots or plain image folders: the images to mine masks for")
+    common.add_download_arg(g)
     g.add_argument("--split", default=None, help="VOC split list to use (all JPEGImages when not given)")
     g.add_argument("--name", default="mined", help="masks go to OUT_ROOT/saliency_<name>/")
     g.add_argument("--out-root", "--mask-root", dest="out_root", default=None,
@@ -557,6 +558,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    common.resolve_download(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise common.UserError("mine_masks.py runs as a single process; start it with python, not torchrun")
     device = common.setup_runtime(args.device).device

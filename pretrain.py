@@ -36,10 +36,11 @@ from torchvision import tv_tensors
 from torchvision.utils import draw_segmentation_masks
 from tqdm import tqdm
 
-from common import (HelpFormatter, SegModel, UserError, add_runtime_args, all_gather_nograd, autocast, denormalize,
-                    image_size, is_voc_root, list_samples, load_backbone_weights, load_checkpoint, make_scaler,
-                    poly_lr, print0, print_table, read_image, read_mask, run_main, saliency_dir, save_checkpoint,
-                    save_grid, seed_all, setup_runtime, train_transform, write_json)
+from common import (HelpFormatter, SegModel, UserError, add_download_arg, add_runtime_args, all_gather_nograd,
+                    autocast, denormalize, image_size, is_voc_root, list_samples, load_backbone_weights,
+                    load_checkpoint, make_scaler, poly_lr, print0, print_table, read_image, read_mask,
+                    resolve_download, run_main, saliency_dir, save_checkpoint, save_grid, seed_all, setup_runtime,
+                    train_transform, write_json)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -226,6 +227,7 @@ def get_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data-root", nargs="+", required=True,
                    help="VOC-layout roots and/or plain image folders, combined")
+    add_download_arg(g)
     g.add_argument("--split", default="train", help="split list of the VOC-layout roots (ImageSets/Segmentation)")
     g.add_argument("--saliency", default="unsup", help="masks are read from ROOT/saliency_<name>/<id>.png")
     g.add_argument("--mask-root", default=None, help="read masks from MASK_ROOT/saliency_<name>/ instead of ROOT")
@@ -271,6 +273,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    resolve_download(args)
     rt = setup_runtime(args.device)
     out = Path(args.out)
     if args.batch_size % rt.world:

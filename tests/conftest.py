@@ -16,3 +16,22 @@ def synth_root(tmp_path_factory):
     """A tiny synthetic VOC-layout dataset (64×64 images), shared read-only by the tests of a session."""
     from common import make_synthetic_voc
     return make_synthetic_voc(tmp_path_factory.mktemp("synth"), n_train=48, n_val=16, size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def pretrain_ck(tmp_path_factory):
+    """A resnet18 'pretrain' checkpoint as pretrain.py writes it. Its BatchNorm statistics are not the defaults (so
+    'kept' and 'never touched' differ) and its saliency head calls every pixel salient (the decoder ends in a ReLU)."""
+    from common import SegModel, save_checkpoint
+    torch.manual_seed(0)
+    model = SegModel("resnet18", 32, saliency_head=True)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+        model.saliency_head.weight.fill_(1.0)
+    path = tmp_path_factory.mktemp("ck") / "checkpoint.pth"
+    save_checkpoint(path, kind="pretrain", model=model.state_dict(), args={"arch": "resnet18", "dim": 32},
+                    saliency_head=True)
+    return path

@@ -99,3 +99,13 @@ def test_failed_download_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(common.torchvision.datasets, "VOCSegmentation", offline)
     with pytest.raises(UserError, match="downloading PASCAL VOC 2012 / SBD .* failed"):
         common.download_voc(tmp_path)
+
+
+def test_download_flag_points_data_root_at_the_voc_folder(tmp_path, monkeypatch):
+    import argparse
+    monkeypatch.setattr(common, "download_voc", lambda root: root + "/VOCdevkit/VOC2012")
+    single, several = argparse.Namespace(download=True, data_root="d"), argparse.Namespace(download=True,
+                                                                                            data_root=["d", "x"])
+    common.resolve_download(single)
+    common.resolve_download(several)
+    assert single.data_root == "d/VOCdevkit/VOC2012" and several.data_root == ["d/VOCdevkit/VOC2012", "x"]

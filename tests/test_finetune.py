@@ -28,22 +28,6 @@ def bn_buffers(state):
     return {k: v.clone() for k, v in state.items() if "running_" in k or "num_batches_tracked" in k}
 
 
-@pytest.fixture(scope="module")
-def pretrain_ck(tmp_path_factory):
-    """A resnet18 'pretrain' checkpoint whose BatchNorm statistics are not the defaults, so that 'kept' and 'loaded'
-    can be told apart from 'never touched'."""
-    torch.manual_seed(0)
-    model = common.SegModel("resnet18", 32, saliency_head=True)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("ck") / "checkpoint.pth"
-    common.save_checkpoint(path, kind="pretrain", model=model.state_dict(), args={"arch": "resnet18", "dim": 32},
-                           saliency_head=True)
-    return path
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # labeled subsets
 

@@ -18,18 +18,6 @@ def run_cli(argv, capsys):
 
 
 @pytest.fixture(scope="module")
-def pretrain_ck(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ck") / "checkpoint.pth"
-    model = common.SegModel("resnet18", 32)
-    with torch.no_grad():  # the decoder ends in a ReLU: positive weights make every pixel salient (logit > 0.5)
-        model.saliency_head.weight.fill_(1.0)
-    common.save_checkpoint(path, kind="pretrain", model=model.state_dict(), args={"arch": "resnet18", "dim": 32},
-                           saliency_head=True)
-    return path
-
-
-@pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     """12 train and 8 val images of 32×32: the end-to-end run stays within seconds on a busy 2-core CPU."""
     return common.make_synthetic_voc(tmp_path_factory.mktemp("tiny"), n_train=12, n_val=8, size=32, seed=1)

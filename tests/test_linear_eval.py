@@ -18,15 +18,6 @@ def run_cli(argv, capsys):
 
 
 @pytest.fixture(scope="module")
-def pretrain_ck(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ck") / "checkpoint.pth"
-    common.save_checkpoint(path, kind="pretrain", model=common.SegModel("resnet18", 32).state_dict(),
-                           args={"arch": "resnet18", "dim": 32}, saliency_head=True)
-    return path
-
-
-@pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     """8 train and 4 val images of 32×32: the end-to-end runs stay within seconds on a busy 2-core CPU."""
     return common.make_synthetic_voc(tmp_path_factory.mktemp("tiny"), n_train=8, n_val=4, size=32, seed=1)
