@@ -54,6 +54,6 @@ for k in km["clusters"]:
 r, r0 = (next(v for k, v in x["retrieval"].items() if k != "split") for x in (km, km0))
 print(f"nearest-neighbour retrieval        {r['miou']:12.1f}  {r0['miou']:11.1f}")
 for frac in ft["maskcontrast"]:
-    print(f"fine-tuning, {float(frac):.0%} of the labels      {ft['maskcontrast'][frac]['mean']:12.1f}  "
-          f"{ft['random'][frac]['mean']:11.1f}")
+    label = f"fine-tuning, {float(frac):.0%} of the labels"
+    print(f"{label:<35s}{ft['maskcontrast'][frac]['mean']:12.1f}  {ft['random'][frac]['mean']:11.1f}")
 EOF

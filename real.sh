@@ -10,8 +10,8 @@ cd "$(dirname "$0")"
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-runs/real}
 if [ "${CPU:-0}" = 1 ]; then
-    ARCH=resnet18 DUTS=600 ROUNDS=0 MINE_EPOCHS=0 PT_SIZE=96 PT_BATCH=16 PT_EPOCHS=8 PT_LR=0.1 PT_M=0.99 \
-    EVAL_SIZE=128 LC_EPOCHS=3 LC_STEP=2 FT_ITERS=100 FT_SIZE=128 WORKERS=2
+    ARCH=resnet18 DUTS=600 ROUNDS=0 MINE_EPOCHS=0 PT_SIZE=96 PT_BATCH=16 PT_EPOCHS=6 PT_LR=0.1 PT_M=0.99 \
+    EVAL_SIZE=128 LC_EPOCHS=3 LC_STEP=2 FT_ITERS=60 FT_SIZE=128 WORKERS=2
 else
     ARCH=resnet50 DUTS=3000 ROUNDS=1 MINE_EPOCHS=5 PT_SIZE=224 PT_BATCH=64 PT_EPOCHS=25 PT_LR=0.004 PT_M=0.999 \
     EVAL_SIZE=320 LC_EPOCHS=20 LC_STEP=14 FT_ITERS=400 FT_SIZE=320 WORKERS=12
@@ -21,7 +21,8 @@ echo "real.sh: arch $ARCH, $DUTS DUTS-TR images + voc_mini, mining rounds $ROUND
 
 # the unlabeled pool: voc_mini's images (train and val, labels unused) and the first $DUTS DUTS-TR images
 mkdir -p $OUT/duts
-ls $DATA/duts_tr/images | head -n $DUTS | while read f; do ln -sf "$(realpath $DATA/duts_tr/images/$f)" $OUT/duts/; done
+DUTS_ALL=("$DATA"/duts_tr/images/*.jpg)
+for f in "${DUTS_ALL[@]:0:$DUTS}"; do ln -sf "$(realpath "$f")" $OUT/duts/; done
 
 # 1. masks without labels, written under $OUT/masks/saliency_unsup/ (the data folders are read-only)
 python mine_masks.py --data-root $DATA/voc_mini $OUT/duts --name unsup --mask-root $OUT/masks --arch $ARCH \
@@ -70,8 +71,8 @@ for k in km["retrieval"]:
         print(f"retrieval, {k:<24s}{km['retrieval'][k]['miou']:12.1f}  {km0['retrieval'][k]['miou']:11.1f}")
 ft = j("finetune/results.json")["table"]
 for frac in ft["maskcontrast"]:
-    print(f"fine-tuning, {float(frac):.0%} of the labels      {ft['maskcontrast'][frac]['mean']:12.1f}  "
-          f"{ft['random'][frac]['mean']:11.1f}")
+    label = f"fine-tuning, {float(frac):.0%} of the labels"
+    print(f"{label:<35s}{ft['maskcontrast'][frac]['mean']:12.1f}  {ft['random'][frac]['mean']:11.1f}")
 sal = j("linear_saliency/linear_eval.json")
 if sal:
     print(f"saliency network's features, LC    {sal['miou']:12.1f}")
