@@ -457,11 +457,13 @@ def _shape(kind, h, w, cy, cx, r):
 def _synthetic_image(size, rng):
     """One image: a noisy low-frequency background and one or two objects of one class (shape + texture)."""
     h = w = size
-    # background: smooth random colour field plus fine noise, so that "not flat" does not mean "object"
+    # background: a smooth, muted random colour field plus fine noise (so that "not flat" does not mean "object"),
+    # less saturated than the objects, as the backdrop of a photo usually is
     coarse = rng.uniform(0, 1, (3, 4, 4)).astype(np.float32)
+    coarse = 0.35 * coarse + 0.65 * coarse.mean(0, keepdims=True)
     bg = torch.nn.functional.interpolate(torch.from_numpy(coarse)[None], size=(h, w), mode="bicubic",
                                          align_corners=False)[0].numpy().transpose(1, 2, 0)
-    bg = np.clip(bg + rng.normal(0, 0.06, (h, w, 3)), 0, 1)
+    bg = np.clip(bg + rng.normal(0, 0.05, (h, w, 3)), 0, 1)
     cls = int(rng.integers(1, len(SYNTH_CLASSES)))
     label = np.zeros((h, w), np.uint8)
     img = bg
