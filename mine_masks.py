@@ -34,9 +34,9 @@ image | prior | prediction | mask | ground truth in --out.
 
 Commands
   # CPU demo on the synthetic data (demo.sh), priors only, masks written to demo_out/data/saliency_mined/
-  python mine_masks.py --data-root demo_out/data --split train --rounds 0 --prior-size 96 \\
+  python mine_masks.py --data-root demo_out/data --name mined --rounds 0 --prior-size 96 \\
       --eval-masks demo_out/data/saliency_oracle --out demo_out/mine_masks
-  # 2-core CPU, ECSSD, priors + one network round (the measured run in notes/mine_masks.md, about 10 minutes)
+  # 2-core CPU, ECSSD, priors + one network round (the measured run in README.md, about 10 minutes)
   OMP_NUM_THREADS=1 python mine_masks.py --data-root ../shared/data/ecssd/images --out-root runs/ecssd \\
       --name unsup --eval-masks ../shared/data/ecssd/masks --arch resnet18 --size 96 --epochs 2 --batch-size 8 \\
       --rounds 1 --workers 1 --out runs/mine_ecssd_cpu
@@ -51,7 +51,7 @@ Commands
 There is no torchrun mode: one process, one device (priors and prediction are batched instead).
 
 Numbers the papers report (max F-beta on ECSSD): RBD 0.68 (the classical level), DeepUSPS ≈ 0.87 (pretrained
-backbone), BAS-Net 0.938 (supervised). What this script reaches here, with the hardware it took: notes/mine_masks.md.
+backbone), BAS-Net 0.938 (supervised). What this script reaches here, with the hardware it took: README.md, "Numbers".
 """
 import argparse
 import os
