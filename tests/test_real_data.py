@@ -1,6 +1,5 @@
 """Optional checks on the real images in ../shared/data (skipped where that folder is absent)."""
 import pytest
-import torch
 import torch.nn.functional as F
 
 import common
