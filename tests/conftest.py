@@ -35,3 +35,18 @@ def pretrain_ck(tmp_path_factory):
     save_checkpoint(path, kind="pretrain", model=model.state_dict(), args={"arch": "resnet18", "dim": 32},
                     saliency_head=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    """12 train and 8 val images of 32×32: end-to-end runs of the evaluation scripts stay within seconds."""
+    from common import make_synthetic_voc
+    return make_synthetic_voc(tmp_path_factory.mktemp("tiny"), n_train=12, n_val=8, size=32, seed=1)
+
+
+def run_cli(main, argv, capsys):
+    """Run a script's main() as its command line does; returns (exit code, stderr)."""
+    from common import run_main
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: main(argv))
+    return e.value.code, capsys.readouterr().err

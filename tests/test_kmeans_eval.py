@@ -8,19 +8,7 @@ import torch
 
 import common
 import kmeans_eval as ke
-
-
-def run_cli(argv, capsys):
-    """Run main() as the command line does; returns (exit code, stderr)."""
-    with pytest.raises(SystemExit) as e:
-        common.run_main(lambda: ke.main(argv))
-    return e.value.code, capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    """12 train and 8 val images of 32×32: the end-to-end run stays within seconds on a busy 2-core CPU."""
-    return common.make_synthetic_voc(tmp_path_factory.mktemp("tiny"), n_train=12, n_val=8, size=32, seed=1)
+from conftest import run_cli
 
 
 def test_match_clusters_recovers_a_permutation():
@@ -153,7 +141,7 @@ def test_baseline_with_mask_folder_and_dropped_images(tiny_root, tmp_path, capsy
     argv = ["--data-root", str(tiny_root), "--checkpoint", "random", "--arch", "resnet18", "--saliency", "m",
             "--mask-root", str(tmp_path / "mined"), "--size", "32", "--workers", "0", "--n-seeds", "1",
             "--out", str(tmp_path / "o"), "--n-figures", "0"]
-    code, err = run_cli(argv, capsys)
+    code, err = run_cli(ke.main, argv, capsys)
     assert code == 2 and "val_0002.png" in err and len(err.strip().splitlines()) == 1
     (masks / "dropped.txt").write_text("val_0002\n")
     res = ke.main(argv)
@@ -165,24 +153,24 @@ def test_baseline_with_mask_folder_and_dropped_images(tiny_root, tmp_path, capsy
 def test_bad_input_is_one_line(synth_root, pretrain_ck, tmp_path, capsys):
     base = ["--data-root", str(synth_root), "--size", "32", "--workers", "0", "--out", str(tmp_path / "o")]
     # no saliency head, no saliency folder
-    code, err = run_cli(base + ["--checkpoint", "random", "--arch", "resnet18"], capsys)
+    code, err = run_cli(ke.main, base + ["--checkpoint", "random", "--arch", "resnet18"], capsys)
     assert code == 2 and "no saliency head" in err and len(err.strip().splitlines()) == 1
     # a saliency folder that does not exist
-    code, err = run_cli(base + ["--checkpoint", "random", "--arch", "resnet18", "--saliency", "nope"], capsys)
+    code, err = run_cli(ke.main, base + ["--checkpoint", "random", "--arch", "resnet18", "--saliency", "nope"], capsys)
     assert code == 2 and "saliency_nope" in err and len(err.strip().splitlines()) == 1
     # checkpoint of another architecture: --arch disagrees, or weights that do not fit the arch it names
-    code, err = run_cli(base + ["--checkpoint", str(pretrain_ck), "--arch", "resnet50"], capsys)
+    code, err = run_cli(ke.main, base + ["--checkpoint", str(pretrain_ck), "--arch", "resnet50"], capsys)
     assert code == 2 and "resnet18" in err and len(err.strip().splitlines()) == 1
     wrong = tmp_path / "wrong.pth"
     common.save_checkpoint(wrong, kind="pretrain", model=common.SegModel("resnet18", 16).state_dict(),
                            args={"arch": "resnet18", "dim": 32}, saliency_head=True)
-    code, err = run_cli(base + ["--checkpoint", str(wrong)], capsys)
+    code, err = run_cli(ke.main, base + ["--checkpoint", str(wrong)], capsys)
     assert code == 2 and "do not fit" in err and len(err.strip().splitlines()) == 1
     # a val split without labels
     nolab = tmp_path / "nolab"
     shutil.copytree(synth_root / "JPEGImages", nolab / "JPEGImages")
     shutil.copytree(synth_root / "ImageSets", nolab / "ImageSets")
-    code, err = run_cli(["--data-root", str(nolab), "--checkpoint", str(pretrain_ck), "--out", str(tmp_path / "o")],
+    code, err = run_cli(ke.main, ["--data-root", str(nolab), "--checkpoint", str(pretrain_ck), "--out", str(tmp_path / "o")],
                         capsys)
     assert code == 2 and "no label" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()  # nothing half-written

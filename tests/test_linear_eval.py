@@ -9,18 +9,7 @@ from torch.utils.data import DataLoader
 
 import common
 import linear_eval as le
-
-
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        common.run_main(lambda: le.main(argv))
-    return e.value.code, capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    """8 train and 4 val images of 32×32: the end-to-end runs stay within seconds on a busy 2-core CPU."""
-    return common.make_synthetic_voc(tmp_path_factory.mktemp("tiny"), n_train=8, n_val=4, size=32, seed=1)
+from conftest import run_cli
 
 
 def _one_epoch(model, synth_root, frozen):
@@ -115,22 +104,22 @@ def test_backbone_features_baseline(tiny_root, tmp_path):
 def test_bad_input_is_one_line(synth_root, pretrain_ck, tmp_path, capsys):
     base = ["--data-root", str(synth_root), "--train-split", "train", "--size", "32", "--workers", "0",
             "--out", str(tmp_path / "o")]
-    code, err = run_cli(base + ["--checkpoint", str(pretrain_ck), "--arch", "resnet50"], capsys)
+    code, err = run_cli(le.main, base + ["--checkpoint", str(pretrain_ck), "--arch", "resnet50"], capsys)
     assert code == 2 and "resnet18" in err and len(err.strip().splitlines()) == 1
     wrong = tmp_path / "r34.pth"  # weights of another architecture than the args say
     common.save_checkpoint(wrong, kind="pretrain", model=common.SegModel("resnet34", 32).state_dict(),
                            args={"arch": "resnet18", "dim": 32}, saliency_head=True)
-    code, err = run_cli(base + ["--checkpoint", str(wrong)], capsys)
+    code, err = run_cli(le.main, base + ["--checkpoint", str(wrong)], capsys)
     assert code == 2 and "do not fit" in err and len(err.strip().splitlines()) == 1
     other = tmp_path / "linear.pth"  # a checkpoint of another kind
     common.save_checkpoint(other, kind="linear", model={}, args={})
-    code, err = run_cli(base + ["--checkpoint", str(other)], capsys)
+    code, err = run_cli(le.main, base + ["--checkpoint", str(other)], capsys)
     assert code == 2 and "'linear'" in err and len(err.strip().splitlines()) == 1
-    code, err = run_cli(base + ["--backbone-init", str(tmp_path / "missing.pth"), "--arch", "resnet18"], capsys)
+    code, err = run_cli(le.main, base + ["--backbone-init", str(tmp_path / "missing.pth"), "--arch", "resnet18"], capsys)
     assert code == 2 and "missing.pth" in err and len(err.strip().splitlines()) == 1
     nolab = tmp_path / "nolab"
     shutil.copytree(synth_root / "JPEGImages", nolab / "JPEGImages")
     shutil.copytree(synth_root / "ImageSets", nolab / "ImageSets")
-    code, err = run_cli(["--data-root", str(nolab), "--train-split", "train", "--out", str(tmp_path / "o")], capsys)
+    code, err = run_cli(le.main, ["--data-root", str(nolab), "--train-split", "train", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "no label" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
