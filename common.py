@@ -6,6 +6,7 @@ they call something.
 """
 import argparse
 import contextlib
+import copy
 import json
 import os
 import random
@@ -56,7 +57,13 @@ def run_main(main):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown in --help, and the script's docstring kept as written."""
+    """Defaults shown in --help (also for flags without a help text), and the script's docstring kept as written."""
+
+    def _format_action(self, action):
+        if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
 
 def add_runtime_args(p):

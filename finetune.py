@@ -1,4 +1,4 @@
-"""Semi-supervised fine-tuning with 1-100 % of the labels: paper Sec. 4.6, supp. F, Table 6 and Fig. 5.
+r"""Semi-supervised fine-tuning with 1-100 % of the labels: paper Sec. 4.6, supp. F, Table 6 and Fig. 5.
 
 The whole network is trained: backbone and DeepLab-v3 decoder start from an initialisation, and a fresh 1×1 classifier
 (256 → classes) replaces the embedding head. Training uses cross-entropy (255 ignored) on a labeled fraction of the
@@ -34,7 +34,7 @@ frozen: BN layers stay in eval mode, so their running mean/variance from pretrai
 
 Commands
   1 GPU, Table 6 (VOC 2012 + SBD labels as common.download_voc assembles them; trainaug = 10,582 train images):
-    python finetune.py --data-root VOCdevkit/VOC2012 --train-split trainaug --out runs/finetune \\
+    python finetune.py --data-root VOCdevkit/VOC2012 --train-split trainaug --out runs/finetune \
         --init runs/pretrain/checkpoint.pth imagenet random --names maskcontrast imagenet random
   torchrun (--batch-size stays the global batch, 8):
     torchrun --nproc_per_node 2 finetune.py ...same flags...
@@ -42,8 +42,8 @@ Commands
   --resume (finished runs are skipped, the split lists re-used, the table shows every row)
   CPU demo (demo.sh's synthetic data; 2 % = 3 labeled images, so MaskContrast gets the low-data recipe; about
   3 minutes on a shared 2-core CPU):
-    python finetune.py --data-root demo_out/data --arch resnet18 --size 64 --fraction 0.02 --splits 2 --iters 40 \\
-        --batch-size 8 --workers 2 --init demo_out/pretrain/checkpoint.pth random --names maskcontrast random \\
+    python finetune.py --data-root demo_out/data --arch resnet18 --size 64 --fraction 0.02 --splits 2 --iters 40 \
+        --batch-size 8 --workers 2 --init demo_out/pretrain/checkpoint.pth random --names maskcontrast random \
         --out demo_out/finetune
 
 Paper: Table 6 compares MaskContrast (unsupervised saliency, ResNet-50) with supervised ImageNet pretraining after

@@ -1,4 +1,4 @@
-"""Clustering evaluation: paper Sec. 4.1-II ("K-Means"), Sec. 4.4 and supp. E; Tables 3b and 4; Fig. 4 (retrieval).
+r"""Clustering evaluation: paper Sec. 4.1-II ("K-Means"), Sec. 4.4 and supp. E; Tables 3b and 4; Fig. 4 (retrieval).
 
 No labels touch the model. Every val image gets one object prototype: the mean of its embeddings over the pixels its
 saliency head calls foreground, L2-normalised. K-Means groups the prototypes; each image's foreground is painted with
@@ -28,13 +28,13 @@ layer of any --backbone-init) takes its foreground from a folder of masks writte
 read from ROOT/saliency_NAME or MASK_ROOT/saliency_NAME); with a folder, each prototype is the plain mean over the mask.
 
 Commands
-  1 GPU (paper):  python kmeans_eval.py --data-root VOC --checkpoint runs/pretrain/checkpoint.pth \\
+  1 GPU (paper):  python kmeans_eval.py --data-root VOC --checkpoint runs/pretrain/checkpoint.pth \
                       --retrieval-split train
   overclustering: ... --clusters 21 50 100 200 500
   baselines:      python kmeans_eval.py --data-root ... --checkpoint random --arch resnet50 --saliency unsup
-                  python kmeans_eval.py --data-root ... --features backbone --backbone-init moco_v2_800ep.pth \\
+                  python kmeans_eval.py --data-root ... --features backbone --backbone-init moco_v2_800ep.pth \
                       --arch resnet50 --saliency unsup
-  CPU demo:       python kmeans_eval.py --data-root demo_out/data --checkpoint demo_out/pretrain/checkpoint.pth \\
+  CPU demo:       python kmeans_eval.py --data-root demo_out/data --checkpoint demo_out/pretrain/checkpoint.pth \
                       --size 96 --retrieval-split train
 
 Paper numbers (PASCAL VOC 2012 val, ResNet-50, mIoU %): K-Means 35.0 (unsupervised saliency) / 44.2 (supervised

@@ -1,4 +1,4 @@
-"""Linear classifier evaluation: paper Sec. 4.1-I ("linear classifier"), Sec. 4.3 and supp. D; Tables 1, 3a and 5.
+r"""Linear classifier evaluation: paper Sec. 4.1-I ("linear classifier"), Sec. 4.3 and supp. D; Tables 1, 3a and 5.
 
 A pretrained network is frozen whole (weights and BatchNorm statistics; eval mode, so dropout is off). A freshly
 initialised 1×1 convolution from its 256-d decoder output to the dataset's classes is the only thing trained:
@@ -15,7 +15,7 @@ architecture as MaskContrast with random weights). `--predict DIR` segments a fo
 trained classifier (palette PNGs + overlays).
 
 Commands
-  1 GPU (paper):   python linear_eval.py --data-root VOC --train-split trainaug \\
+  1 GPU (paper):   python linear_eval.py --data-root VOC --train-split trainaug \
                        --checkpoint runs/pretrain/checkpoint.pth
   released config: ... --lr-step 25
   torchrun:        torchrun --nproc_per_node 2 linear_eval.py ...same flags... (--batch-size is the global batch)
@@ -23,7 +23,7 @@ Commands
                    python linear_eval.py --data-root ... --features backbone --arch resnet50 \
                        --backbone-init moco_v2_800ep.pth.tar
                    python linear_eval.py --data-root ... --checkpoint random --arch resnet50
-  CPU demo:        python linear_eval.py --data-root demo_out/data --train-split train --checkpoint \\
+  CPU demo:        python linear_eval.py --data-root demo_out/data --train-split train --checkpoint \
                        demo_out/pretrain/checkpoint.pth --size 96 --epochs 8 --lr-step 6 --batch-size 8
   own images:      add --predict my_photos/ (a finished run given --resume goes straight to prediction)
 

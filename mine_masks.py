@@ -1,4 +1,4 @@
-"""Mine one salient-object mask per image, from raw images with no labels and no downloads (MaskContrast, Van Gansbeke
+r"""Mine one salient-object mask per image, from raw images with no labels and no downloads (MaskContrast, Van Gansbeke
 et al. ICCV 2021, Sec. 3.2 "mask proposals": the masks that pretrain.py contrasts).
 
 The paper takes its masks from an off-the-shelf saliency estimator: unsupervised (DeepUSPS, Nguyen et al. NeurIPS
@@ -34,17 +34,17 @@ image | prior | prediction | mask | ground truth in --out.
 
 Commands
   # CPU demo on the synthetic data (demo.sh), priors only, masks written to demo_out/data/saliency_mined/
-  python mine_masks.py --data-root demo_out/data --name mined --rounds 0 --prior-size 96 \\
+  python mine_masks.py --data-root demo_out/data --name mined --rounds 0 --prior-size 96 \
       --eval-masks demo_out/data/saliency_oracle --out demo_out/mine_masks
   # 2-core CPU, ECSSD, priors + one network round (the measured run in README.md, about 10 minutes)
-  OMP_NUM_THREADS=1 python mine_masks.py --data-root ../shared/data/ecssd/images --out-root runs/ecssd \\
-      --name unsup --eval-masks ../shared/data/ecssd/masks --arch resnet18 --size 96 --epochs 2 --batch-size 8 \\
+  OMP_NUM_THREADS=1 python mine_masks.py --data-root ../shared/data/ecssd/images --out-root runs/ecssd \
+      --name unsup --eval-masks ../shared/data/ecssd/masks --arch resnet18 --size 96 --epochs 2 --batch-size 8 \
       --rounds 1 --workers 1 --out runs/mine_ecssd_cpu
   # one GPU, ECSSD, unsupervised, scored against its masks (masks written under runs/ecssd/saliency_unsup/)
-  python mine_masks.py --data-root ../shared/data/ecssd/images --out-root runs/ecssd --name unsup \\
+  python mine_masks.py --data-root ../shared/data/ecssd/images --out-root runs/ecssd --name unsup \
       --eval-masks ../shared/data/ecssd/masks --arch resnet50 --backbone-init imagenet --out runs/mine_ecssd
   # supervised saliency model (the paper's stronger variant) trained on DUTS-TR, predicting PASCAL VOC
-  python mine_masks.py --data-root VOCdevkit/VOC2012 --split trainaug --name sup \\
+  python mine_masks.py --data-root VOCdevkit/VOC2012 --split trainaug --name sup \
       --train-images DUTS-TR/images --train-masks DUTS-TR/masks --out runs/mine_voc_sup
   # maps from another tool
   python mine_masks.py --data-root VOCdevkit/VOC2012 --name basnet --import-maps basnet_maps/

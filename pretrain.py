@@ -1,4 +1,4 @@
-"""MaskContrast pretraining: paper Sec. 3.3, Algorithm 1, Fig. 3, Table 2 (ablations).
+r"""MaskContrast pretraining: paper Sec. 3.3, Algorithm 1, Fig. 3, Table 2 (ablations).
 
 Every image has one object: the pixels its saliency mask calls salient. Each salient pixel of a query view is pulled to
 the mean embedding (prototype) of its object in a second augmented view, computed by a momentum key network, and pushed
