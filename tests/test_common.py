@@ -109,3 +109,25 @@ def test_download_flag_points_data_root_at_the_voc_folder(tmp_path, monkeypatch)
     common.resolve_download(single)
     common.resolve_download(several)
     assert single.data_root == "d/VOCdevkit/VOC2012" and several.data_root == ["d/VOCdevkit/VOC2012", "x"]
+
+
+@pytest.mark.parametrize("script", ["mine_masks", "pretrain", "linear_eval", "kmeans_eval", "finetune"])
+def test_help_shows_every_default(script, monkeypatch):
+    """Every flag that takes a value names its default in --help, and the docstring's commands keep their `\\`."""
+    import argparse
+    import importlib
+    built = []
+
+    def keep(self, *a, **k):  # the parser get_args builds, without parsing anything
+        built.append(self)
+        raise SystemExit
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", keep)
+    with pytest.raises(SystemExit):
+        importlib.import_module(script).get_args([])
+    parser = built[0]
+    for action in parser._actions:
+        if action.option_strings and action.nargs != 0 and not action.required:
+            line = parser._get_formatter()._format_action(action)
+            assert "(default:" in line, f"{script} {action.option_strings[0]}: no default in --help"
+    assert " \\\n" in parser.format_help()
