@@ -5,6 +5,7 @@ Read the scripts first (mine_masks.py → pretrain.py → linear_eval.py / kmean
 they call something.
 """
 import argparse
+import colorsys
 import contextlib
 import copy
 import json
@@ -478,9 +479,11 @@ def _synthetic_image(size, rng):
         r = rng.uniform(0.22, 0.34) * size if k == 0 else rng.uniform(0.14, 0.2) * size
         cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
         m = _shape(cls, h, w, cy, cx, r)
-        c1, c2 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
-        while np.abs(c1 - c2).sum() < 0.6:  # the two colours of a pattern must differ visibly
-            c2 = rng.uniform(0, 1, 3)
+        # a light and a dark shade of one random hue: colour says nothing about the class, and a full hue jitter
+        # (pretrain.py --color-jitter ... 0.5) can teach the network to ignore it, as photos vary in lighting
+        hue = rng.uniform()
+        c1 = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.7, 0.9), rng.uniform(0.85, 1.0)))
+        c2 = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.7, 0.9), rng.uniform(0.25, 0.4)))
         t = _texture(cls, h, w, rng)[..., None]
         obj = t * c1 + (1 - t) * c2
         img = np.where(m[..., None], obj, img)
@@ -490,7 +493,7 @@ def _synthetic_image(size, rng):
 
 
 def make_synthetic_voc(root, n_train=160, n_val=60, size=96, seed=0):
-    """Write a small seeded VOC-layout dataset: four classes that differ by shape and texture (colours are random),
+    """Write a small seeded VOC-layout dataset: four classes that differ by shape and texture (hues are random),
     one or two objects of one class per image on a textured background; labels in SegmentationClass, the oracle
     salient-object masks in saliency_oracle. Returns the root."""
     root = Path(root)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The whole MaskContrast pipeline on a small synthetic dataset, on CPU, with every flag in sight (about 10 minutes
+# The whole MaskContrast pipeline on a small synthetic dataset, on CPU, with every flag in sight (about 15 minutes
 # on 2 cores). Each stage is one script; on real data keep the defaults instead of the small sizes (see README.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-demo_out}
 
-# 0. data: 160 train / 60 val images of 4 shape+texture classes (colours random), VOC layout; oracle masks in
+# 0. data: 160 train / 60 val images of 4 shape+texture classes (hues random), VOC layout; oracle masks in
 #    saliency_oracle are used below only to score the mined masks
 python -c "import common; common.make_synthetic_voc('$OUT/data', n_train=160, n_val=60, size=96, seed=0)"
 
@@ -14,9 +14,11 @@ python -c "import common; common.make_synthetic_voc('$OUT/data', n_train=160, n_
 python mine_masks.py --data-root $OUT/data --name mined --rounds 0 --prior-size 96 \
     --eval-masks $OUT/data/saliency_oracle --out $OUT/mine_masks
 
-# 2. pretraining (Sec. 3.3, Algorithm 1) on the mined masks: resnet18 from scratch, 64² views; prints the losses
+# 2. pretraining (Sec. 3.3, Algorithm 1) on the mined masks: resnet18 from scratch, 64² views, hue jittered fully
+#    (the objects' hue is random, so it must not tell them apart); prints the losses
 python pretrain.py --data-root $OUT/data --split train --saliency mined --arch resnet18 --size 64 \
-    --batch-size 16 --queue-size 64 --epochs 20 --lr 0.1 --momentum 0.99 --workers 2 --out $OUT/pretrain
+    --batch-size 16 --queue-size 64 --epochs 60 --lr 0.1 --momentum 0.99 --color-jitter 0.4 0.4 0.4 0.5 \
+    --workers 2 --out $OUT/pretrain
 
 # 3a. linear classifier on the frozen 256-d decoder (Sec. 4.1-I); then the same resnet18 with random weights
 python linear_eval.py --data-root $OUT/data --train-split train --checkpoint $OUT/pretrain/checkpoint.pth \
@@ -25,11 +27,12 @@ python linear_eval.py --data-root $OUT/data --train-split train --checkpoint ran
     --size 64 --epochs 5 --lr-step 4 --batch-size 16 --workers 2 --out $OUT/linear_random
 
 # 3b. K-Means of object prototypes (Sec. 4.1-II), overclustering and retrieval. MaskContrast takes its foreground
-#     from its own saliency head; the random network has none, so it gets the mined masks
-python kmeans_eval.py --data-root $OUT/data --checkpoint $OUT/pretrain/checkpoint.pth --size 64 \
+#     from its own saliency head; the random network has none, so it gets the mined masks. No PCA whitening: on 60
+#     prototypes, whitening to 32 dims weighs noise directions as much as the signal (README, "Numbers")
+python kmeans_eval.py --data-root $OUT/data --checkpoint $OUT/pretrain/checkpoint.pth --size 64 --pca-dim 0 \
     --clusters 5 10 --retrieval-split train --workers 2 --out $OUT/kmeans
 python kmeans_eval.py --data-root $OUT/data --checkpoint random --arch resnet18 --saliency mined --size 64 \
-    --clusters 5 10 --retrieval-split train --workers 2 --out $OUT/kmeans_random
+    --pca-dim 0 --clusters 5 10 --retrieval-split train --workers 2 --out $OUT/kmeans_random
 
 # 3c. semi-supervised fine-tuning (Sec. 4.6, Table 6): 2 % of the labels (3 images) x 2 subsets, MaskContrast init
 #     (low-data recipe: lr 0.001, classifier 0.1, BatchNorm frozen) against random init (lr 0.004)

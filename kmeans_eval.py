@@ -406,6 +406,9 @@ def main(argv=None):
         raise common.UserError("no image has a foreground: check --threshold / the masks")
     x = q["protos"][q["has_fg"]].to(device)
     if args.pca_dim:
+        if n_fg < 10 * args.pca_dim:  # each whitened direction weighs the same, the noisy ones included
+            print(f"note: whitening {n_fg} prototypes to {args.pca_dim} dims amplifies their noise directions; "
+                  "on small splits --pca-dim 0 (or a smaller one) can cluster better")
         x = pca_whiten(x, args.pca_dim)
     seeds = [args.seed + i for i in range(args.n_seeds)]
     results, rows, first = {"clusters": {}}, [], None

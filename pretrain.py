@@ -5,9 +5,10 @@ the mean embedding (prototype) of its object in a second augmented view, compute
 away from the prototypes of the other images in the batch and of a FIFO queue of earlier batches. A 1-channel saliency
 head on the same decoder features is trained with a (class-balanced) BCE against the masks.
 
-    # the demo (demo.sh): synthetic data, masks from mine_masks.py, resnet18 from scratch, CPU (4 minutes on 2 cores)
+    # the demo (demo.sh): synthetic data, masks from mine_masks.py, resnet18 from scratch, CPU (10 minutes on 2 cores)
     python pretrain.py --data-root demo_out/data --saliency mined --arch resnet18 --size 64 --batch-size 16 \
-        --queue-size 64 --epochs 20 --lr 0.1 --momentum 0.99 --workers 2 --out demo_out/pretrain
+        --queue-size 64 --epochs 60 --lr 0.1 --momentum 0.99 --color-jitter 0.4 0.4 0.4 0.5 --workers 2 \
+        --out demo_out/pretrain
     # the paper's run on one GPU: VOC train_aug with mined masks, MoCo v2 backbone (ImageNet, 800 epochs)
     python pretrain.py --data-root VOC --split trainaug --saliency unsup --backbone-init moco_v2_800ep.pth.tar \
         --out runs/pretrain

@@ -20,7 +20,7 @@ def test_model_has_output_stride_8_and_two_heads(arch):
 
 
 def test_synthetic_data_is_not_solved_by_colour(synth_root):
-    """Nearest class-mean colour of a pixel must not tell the class: colours are random, shape and texture are not."""
+    """Nearest class-mean colour of a pixel must not tell the class: hues are random; shape and texture are not."""
     samples = common.list_samples(synth_root, "train", labels=True) + common.list_samples(synth_root, "val", labels=True)
     pix, lab = [], []
     for s in samples:

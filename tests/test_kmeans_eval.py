@@ -138,9 +138,9 @@ def test_baseline_with_mask_folder_and_dropped_images(tiny_root, tmp_path, capsy
     masks = tmp_path / "mined" / "saliency_m"
     shutil.copytree(tiny_root / "saliency_oracle", masks)
     (masks / "val_0002.png").unlink()
-    argv = ["--data-root", str(tiny_root), "--checkpoint", "random", "--arch", "resnet18", "--saliency", "m",
-            "--mask-root", str(tmp_path / "mined"), "--size", "32", "--workers", "0", "--n-seeds", "1",
-            "--out", str(tmp_path / "o"), "--n-figures", "0"]
+    argv = ["--data-root", str(tiny_root), "--classes", "5", "--checkpoint", "random", "--arch", "resnet18",
+            "--saliency", "m", "--mask-root", str(tmp_path / "mined"), "--size", "32", "--workers", "0",
+            "--n-seeds", "1", "--out", str(tmp_path / "o"), "--n-figures", "0"]
     code, err = run_cli(ke.main, argv, capsys)
     assert code == 2 and "val_0002.png" in err and len(err.strip().splitlines()) == 1
     (masks / "dropped.txt").write_text("val_0002\n")
