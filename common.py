@@ -479,8 +479,8 @@ def _synthetic_image(size, rng):
         r = rng.uniform(0.22, 0.34) * size if k == 0 else rng.uniform(0.14, 0.2) * size
         cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
         m = _shape(cls, h, w, cy, cx, r)
-        # a light and a dark shade of one random hue: colour says nothing about the class, and a full hue jitter
-        # (pretrain.py --color-jitter ... 0.5) can teach the network to ignore it, as photos vary in lighting
+        # a light and a dark shade of one random hue: colour says nothing about the class, and demo.sh's full hue
+        # jitter (--color-jitter 0.4 0.4 0.4 0.5) covers every hue, so pretraining can learn to ignore it
         hue = rng.uniform()
         c1 = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.7, 0.9), rng.uniform(0.85, 1.0)))
         c2 = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.7, 0.9), rng.uniform(0.25, 0.4)))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole MaskContrast pipeline on a small synthetic dataset, on CPU, with every flag in sight (about 15 minutes
+# The whole MaskContrast pipeline on a small synthetic dataset, on CPU, with every flag in sight (about 12 minutes
 # on 2 cores). Each stage is one script; on real data keep the defaults instead of the small sizes (see README.md).
 set -euo pipefail
 cd "$(dirname "$0")"
