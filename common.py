@@ -190,7 +190,8 @@ def saliency_dir(root, name, mask_root=None):
 
 
 def list_samples(root, split=None, saliency=None, mask_root=None, labels=False):
-    """The samples of one root: a VOC-layout root (ids from the split list, or all JPEGImages) or a plain image folder."""
+    """The samples of one root: a VOC-layout root (ids from the split list, or all JPEGImages) or a plain image
+    folder."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: no such folder (pass a VOC-layout root or a folder of images)")
@@ -385,10 +386,11 @@ def assemble_voc_trainaug(voc, sbd):
             label = scipy.io.loadmat(mat)["GTcls"][0]["Segmentation"][0]
         except (OSError, KeyError, IndexError, ValueError) as e:
             raise UserError(f"{mat}: cannot read the SBD label ({e})") from None
-        if not (voc / "JPEGImages" / f"{i}.jpg").exists():
-            raise UserError(f"{voc / 'JPEGImages' / (i + '.jpg')}: image of SBD label {mat} not found")
-        if tuple(label.shape) != image_size(voc / "JPEGImages" / f"{i}.jpg"):
-            raise UserError(f"{mat}: label is {label.shape}, its image is {image_size(voc / 'JPEGImages' / (i + '.jpg'))}")
+        jpg = voc / "JPEGImages" / f"{i}.jpg"
+        if not jpg.exists():
+            raise UserError(f"{jpg}: image of SBD label {mat} not found")
+        if tuple(label.shape) != image_size(jpg):
+            raise UserError(f"{mat}: label is {label.shape}, its image is {image_size(jpg)}")
         save_label_png(label, aug / f"{i}.png")
     atomic_write(sets / "trainaug.txt", lambda p: p.write_text("\n".join(ids) + "\n"))
     return {"trainaug": len(ids), "val": len(val)}

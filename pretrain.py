@@ -360,7 +360,7 @@ def main(argv=None):
             if epoch == start_epoch and it == 0 and rt.main:
                 save_views_grid([t.cpu() for t in (xq, sq, xk, sk)], out / "views.png")
             if rt.device.type == "cuda":
-                xq, xk = xq.contiguous(memory_format=torch.channels_last), xk.contiguous(memory_format=torch.channels_last)
+                xq, xk = (x.contiguous(memory_format=torch.channels_last) for x in (xq, xk))
             with autocast(rt.device, args.amp):
                 loss, parts = model(xq, sq, xk, sk)
             if not torch.isfinite(loss):

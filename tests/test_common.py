@@ -21,7 +21,7 @@ def test_model_has_output_stride_8_and_two_heads(arch):
 
 def test_synthetic_data_is_not_solved_by_colour(synth_root):
     """Nearest class-mean colour of a pixel must not tell the class: hues are random; shape and texture are not."""
-    samples = common.list_samples(synth_root, "train", labels=True) + common.list_samples(synth_root, "val", labels=True)
+    samples = [s for split in ("train", "val") for s in common.list_samples(synth_root, split, labels=True)]
     pix, lab = [], []
     for s in samples:
         img, y = common.read_image(s.image), common.read_mask(s.label)

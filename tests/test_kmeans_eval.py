@@ -170,7 +170,7 @@ def test_bad_input_is_one_line(synth_root, pretrain_ck, tmp_path, capsys):
     nolab = tmp_path / "nolab"
     shutil.copytree(synth_root / "JPEGImages", nolab / "JPEGImages")
     shutil.copytree(synth_root / "ImageSets", nolab / "ImageSets")
-    code, err = run_cli(ke.main, ["--data-root", str(nolab), "--checkpoint", str(pretrain_ck), "--out", str(tmp_path / "o")],
-                        capsys)
+    argv = ["--data-root", str(nolab), "--checkpoint", str(pretrain_ck), "--out", str(tmp_path / "o")]
+    code, err = run_cli(ke.main, argv, capsys)
     assert code == 2 and "no label" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()  # nothing half-written

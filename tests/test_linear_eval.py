@@ -115,11 +115,13 @@ def test_bad_input_is_one_line(synth_root, pretrain_ck, tmp_path, capsys):
     common.save_checkpoint(other, kind="linear", model={}, args={})
     code, err = run_cli(le.main, base + ["--checkpoint", str(other)], capsys)
     assert code == 2 and "'linear'" in err and len(err.strip().splitlines()) == 1
-    code, err = run_cli(le.main, base + ["--backbone-init", str(tmp_path / "missing.pth"), "--arch", "resnet18"], capsys)
+    code, err = run_cli(le.main, base + ["--backbone-init", str(tmp_path / "missing.pth"), "--arch", "resnet18"],
+                        capsys)
     assert code == 2 and "missing.pth" in err and len(err.strip().splitlines()) == 1
     nolab = tmp_path / "nolab"
     shutil.copytree(synth_root / "JPEGImages", nolab / "JPEGImages")
     shutil.copytree(synth_root / "ImageSets", nolab / "ImageSets")
-    code, err = run_cli(le.main, ["--data-root", str(nolab), "--train-split", "train", "--out", str(tmp_path / "o")], capsys)
+    code, err = run_cli(le.main, ["--data-root", str(nolab), "--train-split", "train", "--out", str(tmp_path / "o")],
+                        capsys)
     assert code == 2 and "no label" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
