@@ -4,7 +4,7 @@
 # overclustering, retrieval) and fine-tuning on voc_mini (382 train / 160 val), each against the same architecture
 # with random weights (and, on a GPU, the saliency network's own features: Table 1's first row).
 #   bash real.sh            # sized for one H100/H200: about 10 minutes (not yet run: no GPU was lent)
-#   CPU=1 bash real.sh      # sized for a 2-core CPU: resnet18, fewer images, small inputs (about 30 minutes)
+#   CPU=1 bash real.sh      # sized for a 2-core CPU: resnet18, fewer images, small inputs (20 minutes measured)
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA=${DATA:-../shared/data}
