@@ -656,6 +656,16 @@ def model_from_checkpoint(ck, path="checkpoint"):
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluation helpers (linear_eval.py, kmeans_eval.py, finetune.py): which model, which classes, where outputs go
 
+def add_load_model_args(g):
+    """The flags load_model reads: a checkpoint, or a fresh model of --arch with backbone weights --backbone-init."""
+    g.add_argument("--checkpoint", default="random", help="checkpoint.pth of pretrain.py (kind 'pretrain') or "
+                   "mine_masks.py (kind 'saliency'); 'random' = a fresh SegModel of --arch without saliency head")
+    g.add_argument("--arch", default=None, help="with --checkpoint random: resnet18/34/50/101 (default resnet50); "
+                   "with a checkpoint it must match the checkpoint's own")
+    g.add_argument("--backbone-init", default="random", help="with --checkpoint random: random, imagenet "
+                   "(torchvision's weights) or a file (torchvision ResNet state dict or MoCo v2 checkpoint)")
+
+
 def load_model(checkpoint, arch, backbone_init):
     """The network to evaluate and a one-line description: a checkpoint's SegModel, or a fresh SegModel of `arch`
     (no saliency head) whose backbone comes from `backbone_init`."""

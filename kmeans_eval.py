@@ -74,14 +74,9 @@ def get_args(argv=None):
                    "written by mine_masks.py) instead of the model's saliency head")
     g.add_argument("--mask-root", default=None, help="read the --saliency masks from MASK_ROOT/saliency_<NAME>/")
     g = p.add_argument_group("model")
-    g.add_argument("--checkpoint", default="random", help="checkpoint.pth of pretrain.py (kind 'pretrain') or "
-                   "mine_masks.py (kind 'saliency'); 'random' = a fresh SegModel of --arch without saliency head")
+    common.add_load_model_args(g)
     g.add_argument("--features", default="head", choices=["head", "backbone"],
                    help="head: the D-dim embedding head (the paper's); backbone: the dilated ResNet's last layer")
-    g.add_argument("--arch", default=None, help="with --checkpoint random: resnet18/34/50/101 (default resnet50); "
-                   "with a checkpoint it must match the checkpoint's own")
-    g.add_argument("--backbone-init", default="random", help="with --checkpoint random: random, imagenet or a file "
-                   "(torchvision ResNet state dict or MoCo v2 checkpoint)")
     g.add_argument("--threshold", type=float, default=0.5, help="foreground = saliency logit above this (released)")
     g.add_argument("--batch-size", type=int, default=16)
     g = p.add_argument_group("clustering")

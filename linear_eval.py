@@ -62,14 +62,9 @@ def get_args(argv=None):
                    "either split + 1 (21 on VOC)")
     g.add_argument("--size", type=int, default=512, help="training crops and evaluation inputs are size×size")
     g = p.add_argument_group("model")
-    g.add_argument("--checkpoint", default="random", help="checkpoint.pth of pretrain.py (kind 'pretrain') or "
-                   "mine_masks.py (kind 'saliency'); 'random' = a fresh SegModel of --arch")
+    common.add_load_model_args(g)
     g.add_argument("--features", default="decoder", choices=["decoder", "backbone"],
                    help="decoder: 256-d DeepLab-v3 output (the paper's LC); backbone: the dilated ResNet's last layer")
-    g.add_argument("--arch", default=None, help="with --checkpoint random: resnet18/34/50/101 (default resnet50); "
-                   "with a checkpoint it must match the checkpoint's own")
-    g.add_argument("--backbone-init", default="random", help="with --checkpoint random: random, imagenet "
-                   "(torchvision's weights) or a file (torchvision ResNet state dict or MoCo v2 checkpoint)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=60)
     g.add_argument("--batch-size", type=int, default=16, help="global batch (split over torchrun processes)")
