@@ -1,48 +1,27 @@
-r"""Clustering evaluation: paper Sec. 4.1-II ("K-Means"), Sec. 4.4 and supp. E; Tables 3b and 4; Fig. 4 (retrieval).
+r"""Clustering evaluation: paper Sec. 4.1-II ("K-Means") and supp. E; Tables 3b and 4; Fig. 4 (retrieval).
 
-No labels touch the model. Every val image gets one object prototype: the mean of its embeddings over the pixels its
-saliency head calls foreground, L2-normalised. K-Means groups the prototypes; each image's foreground is painted with
-its cluster and everything else is background. Clusters are then matched to classes on the whole split — one-to-one
-(Hungarian on IoU, scipy's linear_sum_assignment) when there are as many clusters as classes, many-to-one by majority
-vote when overclustering (Table 4) — and scored with mIoU at each image's original size. Five K-Means seeds,
-mean ± std.
+No label touches the model. Every val image gets one object prototype from its embeddings over the pixels its
+saliency head calls foreground; K-Means groups the prototypes; each image's foreground is painted with its cluster and
+everything else is background. The clusters are then matched to classes over the whole split — one-to-one (Hungarian
+on IoU, scipy's linear_sum_assignment) with as many clusters as classes, many-to-one by majority vote when
+overclustering (Table 4) — and scored with mIoU at each image's original size: five K-Means seeds, mean ± std.
+As released (the README's table lists every difference): the prototype is the 32-d head output weighted by the raw
+saliency logit where it is above 0.5, summed, L2-normalised; PCA whitening to 32 dimensions first; --clusters 21 on
+VOC = 20 K-Means clusters + background; an image without foreground keeps a zero prototype in PCA and K-Means; the
+mean IoU is over all classes, an absent one counting 0.
 
-Where the paper is silent we follow the released code (README lists these):
-  * prototype = the 32-d head output (not normalised per pixel) weighted by the raw saliency logit where the logit is
-    above --threshold 0.5, summed, then L2-normalised;
-  * PCA to 32 dims with whitening before K-Means (--pca-dim); the background counts as one more "cluster" that takes
-    part in the matching, so --clusters 21 on VOC = 20 K-Means clusters + background. An image with no foreground
-    pixel is all background and takes no part in K-Means.
-Ours differs in: full-batch Lloyd K-Means with k-means++ and --restarts (the release: sklearn's MiniBatchKMeans);
-majority vote by pixel count (the release: the class of highest IoU); labels kept at their original size (the
-release: 512² predictions resized nearest to the label); classes absent from both prediction and ground truth left out
-of the mean (VOC convention; the release counted them as 0).
-
-Retrieval (--retrieval-split train): prototypes of a labeled train split, each labeled with the majority class inside
-its foreground (background and 255 excluded; images without one are dropped); every val image takes its nearest
-(cosine) train prototype's class on its foreground. On VOC it also reports the released 7-class variant (aeroplane,
-bottle, bus, car, cat, cow, person; all other classes become "ignore", mean over the 7 without background).
-
-Baselines: a model without a saliency head (--checkpoint random, or --features backbone for the dilated backbone's last
-layer of any --backbone-init) takes its foreground from a folder of masks written by mine_masks.py (--saliency NAME,
-read from ROOT/saliency_NAME or MASK_ROOT/saliency_NAME); with a folder, each prototype is the plain mean over the mask.
+Retrieval (--retrieval-split, released: train): the prototypes of a labelled split, each labelled with the majority
+class inside its foreground; every val image takes its nearest (cosine) train prototype's class on its foreground. On
+VOC also the released 7-class variant (aeroplane, bottle, bus, car, cat, cow, person).
 
 Commands
-  1 GPU (paper):  python kmeans_eval.py --data-root VOC --checkpoint runs/pretrain/checkpoint.pth \
-                      --retrieval-split train
-  overclustering: ... --clusters 21 50 100 200 500
-  baselines:      python kmeans_eval.py --data-root ... --checkpoint random --arch resnet50 --saliency unsup
-                  python kmeans_eval.py --data-root ... --features backbone --backbone-init moco_v2_800ep.pth \
-                      --arch resnet50 --saliency unsup
-  CPU demo:       python kmeans_eval.py --data-root demo_out/data --checkpoint demo_out/pretrain/checkpoint.pth \
-                      --size 96 --retrieval-split train
-
-Paper numbers (PASCAL VOC 2012 val, ResNet-50, mIoU %): K-Means 35.0 (unsupervised saliency) / 44.2 (supervised
-saliency); retrieval 7 / 21 classes: 53.4 / 43.3 (unsupervised saliency), 62.3 / 49.6 (supervised), MoCo v2 48.0 / 39.0.
-
-Outputs in --out (default: next to the checkpoint): kmeans_eval.json (mIoU per seed, mean, std, per-class IoU per
-cluster count; retrieval; timings), kmeans_val.png (image | ground truth | clusters matched to classes),
-retrieval.png (each val query followed by its top-5 train neighbours).
+  python kmeans_eval.py --data-root VOC --checkpoint runs/pretrain/checkpoint.pth                  # Table 3b, Fig. 4
+  python kmeans_eval.py --data-root VOC --checkpoint runs/pretrain/checkpoint.pth --clusters 21 50 100 200 500  # T. 4
+  python kmeans_eval.py --data-root VOC --checkpoint random --arch resnet50    # random weights, mined masks as the
+                                                                               # foreground (no saliency head)
+Outputs in --out (default: next to the checkpoint): kmeans_eval.json (mIoU per seed, mean ± std, per-class IoU per
+cluster count; retrieval), kmeans_val.png (image | ground truth | clusters matched to classes), retrieval.png (each
+query and its top-5 train neighbours), prototypes.pt (reused by --resume).
 """
 import argparse
 import math
@@ -61,45 +40,9 @@ import common
 RETRIEVAL_7 = ("aeroplane", "bottle", "bus", "car", "cat", "cow", "person")
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data-root", required=True, help="VOC-layout root with labels (SegmentationClass[Aug])")
-    common.add_download_arg(g)
-    g.add_argument("--split", default="val", help="split that is clustered and scored")
-    g.add_argument("--classes", type=int, default=0, help="number of classes incl. background; 0 = largest label in "
-                   "the split(s) + 1 (21 on VOC)")
-    g.add_argument("--size", type=int, default=512, help="images are resized to size×size for the model")
-    g.add_argument("--saliency", default=None, help="take the foreground from ROOT/saliency_<NAME>/<id>.png (0/255, "
-                   "written by mine_masks.py) instead of the model's saliency head")
-    g.add_argument("--mask-root", default=None, help="read the --saliency masks from MASK_ROOT/saliency_<NAME>/")
-    g = p.add_argument_group("model")
-    common.add_load_model_args(g)
-    g.add_argument("--features", default="head", choices=["head", "backbone"],
-                   help="head: the D-dim embedding head (the paper's); backbone: the dilated ResNet's last layer")
-    g.add_argument("--threshold", type=float, default=0.5, help="foreground = saliency logit above this (released)")
-    g.add_argument("--batch-size", type=int, default=16)
-    g = p.add_argument_group("clustering")
-    g.add_argument("--clusters", type=int, nargs="+", default=None, help="clusters incl. the background one; "
-                   "default = number of classes (Hungarian); more = overclustering (majority vote), e.g. 21 50 100 "
-                   "200 500")
-    g.add_argument("--n-seeds", type=int, default=5, help="K-Means runs with seeds --seed, --seed+1, ...")
-    g.add_argument("--restarts", type=int, default=10, help="k-means++ restarts per run; the lowest inertia wins")
-    g.add_argument("--iters", type=int, default=300, help="Lloyd iterations at most")
-    g.add_argument("--pca-dim", type=int, default=32, help="PCA with whitening to this many dims (0 = off)")
-    g.add_argument("--retrieval-split", default=None, help="labeled split whose prototypes form the retrieval "
-                   "memory bank (released: train)")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default=None, help="output folder (default: CHECKPOINT_DIR/kmeans_<features>[_saliency_"
-                   "<NAME>], or runs/kmeans_<features>..._<arch>_<init> for --checkpoint random)")
-    g.add_argument("--n-figures", type=int, default=8, help="val images shown in kmeans_val.png and retrieval.png")
-    common.add_runtime_args(p)
-    p.set_defaults(seed=1234)  # the released seeds are 1234..1238
-    return p.parse_args(argv)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
+# ======================================================================================================================
 # Matching clusters to classes
+# ======================================================================================================================
 
 def match_from_confusion(conf):
     """conf: (n_clusters, n_classes) pixel counts. Returns a LongTensor cluster → class: Hungarian on IoU (one-to-one)
@@ -124,8 +67,9 @@ def match_clusters(pred, gt, n_clusters, n_classes, ignore_index=common.IGNORE):
     return match_from_confusion(conf.reshape(n_clusters, n_classes).cpu())
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# PCA and K-Means in torch
+# ======================================================================================================================
+# PCA and K-Means in torch (on the GPU when there is one)
+# ======================================================================================================================
 
 def pca_whiten(x, dim):
     """Project centred rows of x on their top `dim` principal axes, each scaled to unit variance (sklearn's whiten)."""
@@ -138,18 +82,16 @@ def pca_whiten(x, dim):
 
 
 def kmeans_pp(x, k, gen):
-    """k-means++ seeding: each new centre drawn with probability proportional to its squared distance to the nearest."""
-    n = len(x)
-    idx = [int(torch.randint(n, (1,), generator=gen, device=x.device))]
-    d2 = ((x - x[idx[0]]) ** 2).sum(1)
-    for _ in range(1, k):
-        if d2.sum() > 0:
-            i = int(torch.multinomial(d2 / d2.sum(), 1, generator=gen))
-        else:  # every point sits on a centre already: any other point will do
-            i = int(torch.randint(n, (1,), generator=gen, device=x.device))
-        idx.append(i)
-        d2 = torch.minimum(d2, ((x - x[i]) ** 2).sum(1))
-    return x[idx].clone()
+    """k-means++ seeding: each new centre drawn with probability proportional to the squared distance to the nearest
+    centre so far (uniformly when every point sits on one); no host sync."""
+    centres = x.new_empty(k, x.shape[1])
+    centres[0] = x[torch.randint(len(x), (1,), generator=gen, device=x.device)[0]]
+    d2 = ((x - centres[0]) ** 2).sum(1)
+    for j in range(1, k):
+        w = torch.where(d2.sum() > 0, d2, torch.ones_like(d2))
+        centres[j] = x[torch.multinomial(w, 1, generator=gen)[0]]
+        d2 = torch.minimum(d2, ((x - centres[j]) ** 2).sum(1))
+    return centres
 
 
 def kmeans(x, k, seed, restarts=10, iters=300):
@@ -183,8 +125,9 @@ def kmeans(x, k, seed, restarts=10, iters=300):
     return best
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ======================================================================================================================
 # Prototypes
+# ======================================================================================================================
 
 class ProtoDataset(common.SegDataset):
     """An eval sample plus its foreground mask from a saliency folder (at the label's size), when one is used."""
@@ -197,9 +140,7 @@ class ProtoDataset(common.SegDataset):
         if not s.saliency.is_file():  # an image mine_masks.py dropped (under 1 % salient): no foreground
             return x, y, torch.zeros_like(y, dtype=torch.bool), i
         m = common.read_mask(s.saliency)
-        if m.shape != y.shape:
-            raise common.UserError(f"{s.saliency}: mask is {tuple(m.shape)}, image {s.image} is {tuple(y.shape)}; "
-                                   "re-run mine_masks.py on this data")
+        common.check_same_size(m, y.shape, s.saliency, s.image, "mask")
         return x, y, m > 127, i
 
 
@@ -209,61 +150,56 @@ def collate(batch):
 
 
 @torch.no_grad()
-def extract(model, samples, args, device, n_classes, keep=0):
+def extract_prototypes(model, samples, features, threshold, size, batch_size, workers, device, amp, n_classes,
+                       keep=0):
     """One prototype per image and, for scoring without re-reading anything, per-image histograms of the ground-truth
-    classes inside and outside its foreground. Returns dict(protos (N, D), has_fg (N,), fg_hist / bg_hist (N, C),
-    masks: the first `keep` (sample, label, foreground) at label size, img_per_s)."""
-    ds = ProtoDataset(samples, common.eval_transform(args.size), keep_label_size=True)
-    loader = DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate,
-                        pin_memory=device.type == "cuda")
-    protos, has_fg, fg_hist, bg_hist, masks = [], [], [], [], []
-    n_done, t_model = 0, 0.0
+    classes inside and outside its foreground. The foreground is the saliency head's (logit > threshold; the
+    prototype weighted by the logit, as released) or, when the samples carry mask paths, the mask's (a plain mean).
+    Returns {protos (N, D), has_fg (N,), fg_hist / bg_hist (N, C), shown: the first `keep` (index, label,
+    foreground), img_per_s}."""
+    loader = DataLoader(ProtoDataset(samples, common.eval_transform(size)), batch_size=batch_size,
+                        num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda")
+    protos, has_fg, fg_hist, bg_hist, shown = [], [], [], [], []
+    t0 = time.time()
     for x, ys, ms, idx in tqdm(loader, desc=f"prototypes {samples[0].image.parent.parent.name}", leave=False):
-        t = time.time()
         x = x.to(device, non_blocking=True)
-        with common.autocast(device, args.amp):
-            if args.features == "head":
+        with common.autocast(device, amp):
+            if features == "head" and ms[0] is None:
                 emb, logit = model(x)  # both upsampled to the input size, as the release does
             else:
-                emb, logit = model.backbone_features(x), None
+                emb, logit = model.layer_features(x, features), None  # emb: N×D×h×w at stride 8
         emb = emb.float()
-        if ms[0] is not None:  # foreground from the folder: a plain mean over the mask, at the embedding's resolution
+        if ms[0] is not None:  # the foreground from a folder: a plain mean over the mask, at the embedding's size
             m = torch.stack([F.interpolate(mk[None, None].float(), size=x.shape[-2:], mode="nearest")[0, 0]
                              for mk in ms]).to(device)
             w = F.adaptive_avg_pool2d(m[:, None], emb.shape[-2:])[:, 0]
         else:
             logit = logit.float()
-            w = logit.clamp(min=0) * (logit > args.threshold)  # the released weighting: the logit where foreground
+            w = logit.clamp(min=0) * (logit > threshold)  # the released weighting: the logit where foreground
         p = torch.einsum("ndhw,nhw->nd", emb, w)
         has = (w.flatten(1).sum(1) > 0).cpu()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t_model += time.time() - t
-        protos.append(F.normalize(p, dim=1).cpu())
+        protos.append(F.normalize(p, dim=1).cpu())  # a zero prototype stays zero
         has_fg.append(has)
         for j, y in enumerate(ys):
-            if ((y >= n_classes) & (y != common.IGNORE)).any():
-                raise common.UserError(f"{samples[int(idx[j])].label}: has labels >= {n_classes}; pass --classes")
             if not has[j]:
                 fg = torch.zeros_like(y, dtype=torch.bool)
             elif ms[j] is not None:
                 fg = ms[j]
             else:
                 fg = F.interpolate(logit[j][None, None], size=y.shape, mode="bilinear",
-                                   align_corners=False)[0, 0].cpu() > args.threshold
+                                   align_corners=False)[0, 0].cpu() > threshold
             valid = y != common.IGNORE
             fg_hist.append(torch.bincount(y[fg & valid], minlength=n_classes))
             bg_hist.append(torch.bincount(y[~fg & valid], minlength=n_classes))
-            if len(masks) < keep:
-                masks.append((samples[int(idx[j])], y, fg))
-        n_done += len(x)
-    return {"protos": torch.cat(protos), "has_fg": torch.cat(has_fg),
-            "fg_hist": torch.stack(fg_hist), "bg_hist": torch.stack(bg_hist), "masks": masks,
-            "img_per_s": n_done / max(t_model, 1e-9)}
+            if len(shown) < keep:
+                shown.append((int(idx[j]), y, fg))
+    return {"protos": torch.cat(protos), "has_fg": torch.cat(has_fg), "fg_hist": torch.stack(fg_hist),
+            "bg_hist": torch.stack(bg_hist), "shown": shown, "img_per_s": len(samples) / (time.time() - t0)}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ======================================================================================================================
 # Scoring
+# ======================================================================================================================
 
 def cluster_confusion(ids, fg_hist, bg_hist, n_ids):
     """(n_ids, C) pixel counts of prediction id vs ground-truth class: every image's background pixels go to id 0, its
@@ -273,30 +209,35 @@ def cluster_confusion(ids, fg_hist, bg_hist, n_ids):
     return conf.index_add_(0, ids, fg_hist)
 
 
-def score(conf_ids, mapping, n_classes):
-    """(mIoU, per-class IoU) of the class confusion (rows = ground truth) after mapping prediction ids to classes."""
+def score(conf_ids, mapping, n_classes, absent="skip"):
+    """(mIoU, per-class IoU) of the class confusion (rows = ground truth) after mapping prediction ids to classes;
+    `absent` as common.miou_from_confusion."""
     conf = torch.zeros(n_classes, n_classes, dtype=torch.long)
     conf.index_add_(1, mapping, conf_ids.T.contiguous())
-    return common.miou_from_confusion(conf)
+    return common.miou_from_confusion(conf, absent)
 
 
-def run_clustering(x, has_fg, fg_hist, bg_hist, n_total, seeds, args, n_classes):
-    """K-Means with n_total − 1 clusters on the prototypes of images with a foreground, once per seed."""
+def run_clustering(x, clustered, has_fg, fg_hist, bg_hist, n_total, seeds, restarts, iters, n_classes, absent):
+    """K-Means with n_total − 1 clusters on the rows of x, the prototypes of the images `clustered`, once per seed; an
+    image's foreground is painted with its cluster + 1, an image without foreground is all background (id 0)."""
     out = []
     for s in seeds:
-        assign = kmeans(x, n_total - 1, s, args.restarts, args.iters)[0].cpu()
+        assign = kmeans(x, n_total - 1, s, restarts, iters)[0].cpu()
         ids = torch.zeros(len(has_fg), dtype=torch.long)
-        ids[has_fg] = assign + 1
+        ids[clustered] = assign + 1
+        ids[~has_fg] = 0
         conf_ids = cluster_confusion(ids, fg_hist, bg_hist, n_total)
         mapping = match_from_confusion(conf_ids)
-        miou, iou = score(conf_ids, mapping, n_classes)
+        miou, iou = score(conf_ids, mapping, n_classes, absent)
         out.append({"seed": s, "miou": miou, "iou": iou, "ids": ids, "mapping": mapping})
     return out
 
 
-def retrieval(bank, query, n_classes, classes=None):
-    """Each query image takes the class of its nearest bank prototype (cosine) on its foreground. `classes`: only these
-    (plus background) are kept — the others become ignore, in the bank's labels and in the scoring."""
+def retrieval(bank, query, n_classes, classes=None, absent="skip"):
+    """Each query image takes the class of its nearest bank prototype (cosine) on its foreground; a bank image's class
+    is the majority class in its foreground (a tie goes to the larger class id, as released). `classes`: only these
+    (plus background) are kept — the others become ignore, in the bank's labels and in the scoring — and the mean is
+    over these alone."""
     fg_b, fg_q, bg_q = bank["fg_hist"].clone(), query["fg_hist"].clone(), query["bg_hist"].clone()
     if classes is not None:
         drop = [c for c in range(1, n_classes) if c not in classes]
@@ -304,27 +245,32 @@ def retrieval(bank, query, n_classes, classes=None):
     objects = fg_b[:, 1:]
     usable = bank["has_fg"] & (objects.sum(1) > 0)
     if not usable.any():
-        raise common.UserError("retrieval: no train image has a labeled object inside its foreground")
-    labels = objects[usable].argmax(1) + 1
+        raise common.UserError("retrieval: no train image has a labelled object inside its foreground")
+    labels = (n_classes - 1) - objects[usable].flip(1).argmax(1)
     sim = query["protos"] @ bank["protos"][usable].T
     nn_idx = sim.topk(min(5, int(usable.sum())), dim=1).indices
     pred = torch.where(query["has_fg"], labels[nn_idx[:, 0]], torch.zeros_like(nn_idx[:, 0]))
     conf = torch.zeros(n_classes, n_classes, dtype=torch.long)
     conf[:, 0] += bg_q.sum(0)
     conf.index_add_(1, pred, fg_q.T.contiguous())
-    miou, iou = common.miou_from_confusion(conf)
+    miou, iou = common.miou_from_confusion(conf, absent)
     if classes is not None:
-        miou = float(iou[list(classes)].nanmean())
-    return {"miou": miou, "iou": iou, "bank": int(usable.sum()), "neighbours": usable.nonzero()[:, 0][nn_idx],
-            "pred": pred}
+        sub = iou[list(classes)]
+        miou = float(sub.nanmean() if absent == "skip" else sub.nan_to_num(0).mean())
+    return {"miou": miou, "iou": iou, "bank": int(usable.sum()), "labels": labels,
+            "neighbours": usable.nonzero()[:, 0][nn_idx], "pred": pred}
 
 
-def save_cluster_figure(masks, ids, mapping, path, tile=160):
+# ======================================================================================================================
+# Pictures
+# ======================================================================================================================
+
+def save_cluster_figure(samples, shown, ids, mapping, path, tile=160):
     """One row per image: image | ground truth | its foreground painted with its cluster's matched class."""
     tiles = []
-    for (s, y, fg), i in zip(masks, ids):
-        pred = torch.where(fg, mapping[i], mapping[0])
-        tiles += [common.read_image(s.image), common.colorize(y), common.colorize(pred)]
+    for i, y, fg in shown:
+        pred = torch.where(fg, mapping[ids[i]], mapping[0])
+        tiles += [common.read_image(samples[i].image), common.colorize(y), common.colorize(pred)]
     if tiles:
         common.save_grid(tiles, path, ncol=3, size=tile)
 
@@ -345,112 +291,184 @@ def save_retrieval_figure(query_samples, bank_samples, neighbours, has_fg, path,
         common.save_grid(tiles, path, ncol=6, size=tile)
 
 
+# ======================================================================================================================
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    pos = common.positive_int
+    g = p.add_argument_group("data")
+    common.add_labelled_data_args(g, train_split=False)
+    g.add_argument("--retrieval-split", default="train", help="labelled split whose prototypes form the retrieval "
+                   "memory bank (released: train); 'none' = no retrieval")
+    g.add_argument("--size", type=pos, default=512, help="images are resized to size×size for the model")
+    g.add_argument("--foreground", default="auto", choices=["auto", "head", "masks"], help="where an image's object "
+                   "is: the model's saliency head, or the masks of --saliency; auto = the head when the model has one")
+    g.add_argument("--saliency", default="unsup", help="masks ROOT/saliency_<name>/<id>.png (0/255, written by "
+                   "mine_masks.py; saliency_unsup by default) for --foreground masks")
+    g.add_argument("--mask-root", default=None, help="read those masks from MASK_ROOT/saliency_<name>/")
+    g = p.add_argument_group("model")
+    common.add_checkpoint_arg(g)
+    g.add_argument("--features", default="head", choices=["head", "decoder", "backbone"],
+                   help="the layer read: head = the D-dim embedding (the paper's), decoder = the 256-d DeepLab-v3 "
+                   "output, backbone = the dilated ResNet's last layer")
+    g.add_argument("--threshold", type=float, default=0.5, help="foreground = saliency logit above this (released)")
+    g.add_argument("--batch-size", type=pos, default=16)
+    g = p.add_argument_group("clustering")
+    g.add_argument("--clusters", type=pos, nargs="+", default=None, help="clusters incl. the background one; "
+                   "default = number of classes (Hungarian); more = overclustering (majority vote), e.g. 21 50 100 "
+                   "200 500")
+    g.add_argument("--n-seeds", type=pos, default=5, help="K-Means runs with seeds --seed, --seed+1, ...")
+    g.add_argument("--restarts", type=pos, default=10, help="k-means++ restarts per run; the lowest inertia wins")
+    g.add_argument("--iters", type=pos, default=300, help="Lloyd iterations at most")
+    g.add_argument("--pca-dim", type=common.nonnegative_int, default=32,
+                   help="PCA with whitening to this many dims, as released (0 = off; a small split prefers off)")
+    g.add_argument("--empty-prototypes", default="keep", choices=["keep", "drop"], help="an image without foreground: "
+                   "its zero prototype takes part in PCA and K-Means (keep, released) or not (drop)")
+    g.add_argument("--absent-classes", default="zero", choices=["zero", "skip"], help="a class absent from prediction "
+                   "and ground truth counts 0 in the mean (released) or is left out (VOC convention); on VOC val "
+                   "every class occurs")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="output folder (default: CHECKPOINT_DIR/kmeans_<features>, or "
+                   "runs/kmeans_<features>_<arch>_<baseline>)")
+    g.add_argument("--resume", action="store_true", help="reuse the prototypes in --out (and redo the clustering)")
+    g.add_argument("--n-figures", type=common.nonnegative_int, default=8,
+                   help="val images shown in kmeans_val.png and retrieval.png")
+    common.add_runtime_args(p)
+    p.set_defaults(seed=1234)  # the released seeds are 1234..1238
+    return p.parse_args(argv)
+
+
 def main(argv=None):
-    # ------------------------------------------------------------------------------------------------------ args
+    # =========================================================================================================== args
     args = get_args(argv)
     common.resolve_download(args)
-    rt = common.setup_runtime(args.device)
-    if rt.world > 1:
-        raise common.UserError("kmeans_eval.py runs as one process (it takes seconds on one GPU); drop torchrun")
-    device = rt.device
+    common.single_process("kmeans_eval.py")
+    device = common.setup_world(args.device).device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    out = Path(args.out) if args.out else common.default_out(
-        args, f"kmeans_{args.features}" + (f"_saliency_{args.saliency}" if args.saliency else ""))
+    out = Path(args.out or common.default_eval_out(args.checkpoint, args.arch, f"kmeans_{args.features}"))
 
-    # ------------------------------------------------------------------------------------------------------ data
-    val = common.list_samples(args.data_root, args.split, saliency=args.saliency, mask_root=args.mask_root,
-                              labels=True)
-    bank_samples = (common.list_samples(args.data_root, args.retrieval_split, saliency=args.saliency,
-                                        mask_root=args.mask_root, labels=True) if args.retrieval_split else [])
-    if args.saliency:
+    # =========================================================================================================== data
+    val = common.list_samples(args.data_root, args.val_split, labels=True)
+    retrieval_split = None if args.retrieval_split == "none" else args.retrieval_split
+    bank_samples = common.list_samples(args.data_root, retrieval_split, labels=True) if retrieval_split else []
+    splits = {args.val_split: val, **({retrieval_split: bank_samples} if bank_samples else {})}
+    n_classes = common.scan_labels(splits, args.classes, args.workers)
+    names = common.class_names(n_classes)
+    clusters = args.clusters or [n_classes]
+    resuming = common.prepare_out(out, args.resume, ["kmeans_eval.json", "prototypes.pt"])  # before any work
+
+    # ========================================================================================================== model
+    model, _, desc = common.load_model(args.checkpoint, args.arch)
+    model = model.to(device).eval().requires_grad_(False)
+    head = model.saliency_head is not None and args.features == "head"
+    if args.foreground == "head" and not head:
+        raise common.UserError(f"--foreground head: {args.checkpoint} has no saliency head to read with --features "
+                               f"{args.features}; use --foreground masks (written by mine_masks.py)")
+    fg_from = f"saliency head (logit > {args.threshold})"
+    if args.foreground == "masks" or not head:  # the foreground from the masks mine_masks.py wrote
         d = common.saliency_dir(args.data_root, args.saliency, args.mask_root)
+        fg_from = f"masks {d}"
+        if not d.is_dir():
+            raise common.UserError(f"{d}: no masks (this model takes its foreground from masks); run `python "
+                                   f"mine_masks.py --data-root {args.data_root}` first, or pass --saliency/--mask-root")
         dropped = set((d / "dropped.txt").read_text().split()) if (d / "dropped.txt").is_file() else set()
+        for s in val + bank_samples:
+            s.saliency = d / f"{s.id}.png"
         missing = [s.saliency for s in val + bank_samples if not s.saliency.is_file() and s.id not in dropped]
         if missing:
             raise common.UserError(f"{d}: no mask for {len(missing)} images (e.g. {missing[0].name}); run "
                                    f"mine_masks.py on {args.data_root} first")
         if dropped:
             print(f"{len(dropped)} images listed in {d / 'dropped.txt'} count as having no foreground")
-    n_classes = common.scan_classes(val + bank_samples, args.classes)
-    names = common.class_names(n_classes)
-    clusters = args.clusters or [n_classes]
-
-    # ----------------------------------------------------------------------------------------------------- model
-    common.seed_all(args.seed)
-    model, desc = common.load_model(args.checkpoint, args.arch, args.backbone_init)
-    if args.features == "head" and model.saliency_head is None and not args.saliency:
-        raise common.UserError(f"{args.checkpoint}: this model has no saliency head; pass --saliency NAME (masks "
-                               "written by mine_masks.py) to take the foreground from a folder")
-    if args.features == "backbone" and not args.saliency:
-        raise common.UserError("--features backbone has no saliency head; pass --saliency NAME (masks written by "
-                               "mine_masks.py)")
-    model = common.freeze(model.to(device))
-    fg_from = f"masks {common.saliency_dir(args.data_root, args.saliency, args.mask_root)}" if args.saliency else \
-        f"saliency head (logit > {args.threshold})"
-    print(f"{desc}; {args.features} embeddings; foreground from {fg_from}; {len(val)} {args.split} images, "
+    print(f"{desc}; {args.features} features; foreground from {fg_from}; {len(val)} {args.val_split} images, "
           f"{n_classes} classes; device {device}")
 
-    # ------------------------------------------------------------------------------------------------------ loop
+    # ===================================================================================================== prototypes
     t = time.time()
-    q = extract(model, val, args, device, n_classes, keep=args.n_figures)
+    config = {"checkpoint": str(args.checkpoint), "features": args.features, "foreground": fg_from,
+              "size": args.size, "threshold": args.threshold, "ids": [s.id for s in val],
+              "bank": [s.id for s in bank_samples], "n_classes": n_classes}
+    cached = common.torch_load(out / "prototypes.pt") if resuming and (out / "prototypes.pt").is_file() else None
+    if cached is not None and cached["config"] == config:
+        q, b = cached["val"], cached["bank"]
+        print(f"prototypes reused from {out / 'prototypes.pt'}")
+    else:
+        q = extract_prototypes(model, val, args.features, args.threshold, args.size, args.batch_size, args.workers,
+                               device, args.amp, n_classes, keep=args.n_figures)
+        b = extract_prototypes(model, bank_samples, args.features, args.threshold, args.size, args.batch_size,
+                               args.workers, device, args.amp, n_classes) if bank_samples else None
+        common.save_object(out / "prototypes.pt", {"config": config, "val": q, "bank": b})
     t_extract = time.time() - t
     n_fg = int(q["has_fg"].sum())
     print(f"{n_fg}/{len(val)} images have a foreground; embeddings {q['img_per_s']:.1f} img/s at {args.size}²")
     if n_fg == 0:
         raise common.UserError("no image has a foreground: check --threshold / the masks")
-    x = q["protos"][q["has_fg"]].to(device)
+
+    # ===================================================================================================== clustering
+    clustered = torch.ones_like(q["has_fg"]) if args.empty_prototypes == "keep" else q["has_fg"]
+    x = q["protos"][clustered].to(device)
     if args.pca_dim:
-        if n_fg < 10 * args.pca_dim:  # each whitened direction weighs the same, the noisy ones included
-            print(f"note: whitening {n_fg} prototypes to {args.pca_dim} dims amplifies their noise directions; "
+        if len(x) < 10 * args.pca_dim:  # each whitened direction weighs the same, the noisy ones included
+            print(f"note: whitening {len(x)} prototypes to {args.pca_dim} dims amplifies their noise directions; "
                   "on small splits --pca-dim 0 (or a smaller one) can cluster better")
         x = pca_whiten(x, args.pca_dim)
     seeds = [args.seed + i for i in range(args.n_seeds)]
     results, rows, first = {"clusters": {}}, [], None
     t = time.time()
     for n_total in clusters:
-        if n_total - 1 > n_fg or n_total < 2:
-            print(f"--clusters {n_total}: skipped ({n_fg} prototypes, need between 1 and {n_fg} K-Means clusters)")
-            results["clusters"][str(n_total)] = {"skipped": f"{n_fg} prototypes"}
+        key = str(n_total)
+        if n_total - 1 > len(x) or n_total < 2:
+            print(f"--clusters {n_total}: skipped ({len(x)} prototypes, need between 1 and {len(x)} K-Means clusters)")
+            results["clusters"][key] = {"skipped": f"{len(x)} prototypes"}
             continue
-        runs = run_clustering(x, q["has_fg"], q["fg_hist"], q["bg_hist"], n_total, seeds, args, n_classes)
+        runs = run_clustering(x, clustered, q["has_fg"], q["fg_hist"], q["bg_hist"], n_total, seeds, args.restarts,
+                              args.iters, n_classes, args.absent_classes)
         first = first or runs[0]
         m = torch.tensor([r["miou"] for r in runs])
         std = float(m.std()) if len(m) > 1 else 0.0
-        results["clusters"][str(n_total)] = {
+        results["clusters"][key] = {
             "matching": "hungarian" if n_total <= n_classes else "majority", "seeds": seeds,
             "miou_per_seed": m.tolist(), "miou_mean": float(m.mean()), "miou_std": std,
-            "per_class_iou_mean": {n: float(v) for n, v in zip(names, torch.stack([r["iou"] for r in runs])
-                                                                  .nanmean(0))}}
-        rows.append((f"K-Means {n_total}", results["clusters"][str(n_total)]["matching"], float(m.mean()), std))
+            "per_class_iou_mean": dict(zip(names, torch.stack([r["iou"] for r in runs]).nanmean(0).tolist()))}
+        label = f"K-Means {n_total}"
+        if n_total > n_classes and n_total - 1 > len(x) / 10:
+            # a cluster of a few images takes their majority class: the labels, not the features, do the work
+            warning = (f"{n_total - 1} clusters for {len(x)} prototypes ({len(x) / (n_total - 1):.1f} images a "
+                       "cluster): majority voting over so few images is close to a supervised labelling, which "
+                       "even random weights score well on; read this row as an upper bound, not as clustering")
+            print(f"warning: {warning}")
+            results["clusters"][key]["warning"] = warning
+            label += " (!)"
+        rows.append((label, results["clusters"][key]["matching"], float(m.mean()), std))
     t_kmeans = time.time() - t
 
-    if bank_samples:
-        b = extract(model, bank_samples, args, device, n_classes)
+    # ====================================================================================================== retrieval
+    if b is not None:
         variants = {"all": None}
         if n_classes == len(common.VOC_CLASSES):
             variants["7"] = [common.VOC_CLASSES.index(c) for c in RETRIEVAL_7]
-        results["retrieval"] = {"split": args.retrieval_split}
-        for key, classes in variants.items():
-            r = retrieval(b, q, n_classes, classes)
+        results["retrieval"] = {"split": retrieval_split}
+        for classes in variants.values():
+            r = retrieval(b, q, n_classes, classes, args.absent_classes)
             label = f"{n_classes} classes" if classes is None else f"{len(classes)} classes"
             results["retrieval"][label] = {"miou": r["miou"], "bank_size": r["bank"],
-                                           "per_class_iou": {n: float(v) for n, v in zip(names, r["iou"])}}
+                                           "per_class_iou": dict(zip(names, r["iou"].tolist()))}
             rows.append((f"retrieval {label}", f"top-1 of {r['bank']}", r["miou"], "-"))
             if classes is None:
                 save_retrieval_figure(val, bank_samples, r["neighbours"], q["has_fg"], out / "retrieval.png",
                                       args.n_figures)
 
-    # ------------------------------------------------------------------------------------------------------ save
-    if first is not None:
-        save_cluster_figure(q["masks"], first["ids"], first["mapping"], out / "kmeans_val.png")
+    # =========================================================================================================== save
+    if first is not None and q["shown"]:
+        save_cluster_figure(val, q["shown"], first["ids"], first["mapping"], out / "kmeans_val.png")
     results.update({"model": desc, "checkpoint": str(args.checkpoint), "features": args.features,
                     "foreground": fg_from, "images": len(val), "with_foreground": n_fg, "classes": names,
                     "extract_s": t_extract, "embed_img_per_s": q["img_per_s"], "kmeans_s": t_kmeans,
                     "args": vars(args)})
     common.write_json(out / "kmeans_eval.json", results)
     common.print_table(rows, ["protocol", "matching", "mIoU %", "std"])
-    print(f"K-Means of {n_fg} prototypes × {len(seeds)} seeds × {len(rows)} settings in {t_kmeans:.1f} s → "
+    print(f"K-Means of {len(x)} prototypes × {len(seeds)} seeds × {len(clusters)} settings in {t_kmeans:.1f} s → "
           f"{out / 'kmeans_eval.json'}")
     return results
 

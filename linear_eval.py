@@ -1,48 +1,36 @@
-r"""Linear classifier evaluation: paper Sec. 4.1-I ("linear classifier"), Sec. 4.3 and supp. D; Tables 1, 3a and 5.
+r"""The linear classifier on frozen features: paper Sec. 4.1-I ("linear classifier") and supp. D; Tables 1, 3a, 5.
 
-A pretrained network is frozen whole (weights and BatchNorm statistics; eval mode, so dropout is off). A freshly
-initialised 1×1 convolution from its 256-d decoder output to the dataset's classes is the only thing trained:
-cross-entropy (255 ignored) on logits upsampled to the label crop, SGD, flip + scale/rotation jitter, 512² inputs.
-The val split is then scored at each image's original size (logits upsampled bilinearly to it): mIoU and per-class
-IoU from one confusion matrix accumulated over the whole split, VOC convention. We report the LAST epoch; the released
-code kept the epoch with the best val mIoU, which selects the model on the test split. A MoCo-style sanity check at
-the end compares every tensor of the frozen network's state dict with its value before training and fails if one moved.
-
-Baselines go through the same script (Table 1): `--features backbone` trains the 1×1 conv on the dilated backbone's
-last layer (2048-d for ResNet-50) of any initialisation — random, torchvision's ImageNet classifier ('imagenet' or a
-state-dict file) or a MoCo v2 checkpoint file — and `--checkpoint random` is a freshly initialised SegModel (the same
-architecture as MaskContrast with random weights). `--predict DIR` segments a folder of your own images with the
-trained classifier (palette PNGs + overlays).
+A pretrained network is frozen whole (weights, BatchNorm statistics, eval mode so dropout is off). A fresh 1×1 conv
+from its 256-d decoder output to the dataset's classes is the only thing trained: cross-entropy (255 ignored) on the
+logits upsampled to the 512×512 crop, SGD, flip + scale/rotation jitter, as released. The val split is scored at each
+image's original size (one confusion matrix over the split, VOC mIoU) at the LAST epoch: the release kept the epoch
+with the best val mIoU, which selects on the test split. --crf also scores LC + CRF, with a dense CRF written in torch
+(Krähenbühl & Koltun, NeurIPS 2011) at the release's settings. A MoCo-style sanity check fails the run if any tensor
+of the frozen network moved.
 
 Commands
-  1 GPU (paper):   python linear_eval.py --data-root VOC --train-split trainaug \
-                       --checkpoint runs/pretrain/checkpoint.pth
-  released config: ... --lr-step 25
-  torchrun:        torchrun --nproc_per_node 2 linear_eval.py ...same flags... (--batch-size is the global batch)
-  baselines:       python linear_eval.py --data-root ... --features backbone --arch resnet50 --backbone-init imagenet
-                   python linear_eval.py --data-root ... --features backbone --arch resnet50 \
-                       --backbone-init moco_v2_800ep.pth.tar
-                   python linear_eval.py --data-root ... --checkpoint random --arch resnet50
-  CPU demo:        python linear_eval.py --data-root demo_out/data --train-split train --checkpoint \
-                       demo_out/pretrain/checkpoint.pth --size 96 --epochs 8 --lr-step 6 --batch-size 8
-  own images:      add --predict my_photos/ (a finished run given --resume goes straight to prediction)
+  python linear_eval.py --data-root VOC --checkpoint runs/pretrain/checkpoint.pth          # Tables 1 and 3a
+  python linear_eval.py --data-root VOC --checkpoint runs/pretrain/checkpoint.pth --crf    # + the CRF column
+  python linear_eval.py --data-root VOC --checkpoint moco_v2_800ep_pretrain.pth.tar --features backbone  # Table 1's
+  python linear_eval.py --data-root VOC --checkpoint imagenet --features backbone          # ... baselines
+  python linear_eval.py --data-root VOC --checkpoint random --arch resnet50                # random weights
+  torchrun --nproc_per_node 2 linear_eval.py ...same flags...  (--batch-size stays the global batch)
+  ... --predict my_photos/   segments your own images (a finished run given --resume goes straight there)
 
-Paper numbers (PASCAL VOC 2012 val, ResNet-50, LC = this protocol, mIoU %): MaskContrast with unsupervised saliency
-58.4 (59.5 with CRF), with supervised saliency 63.9 (65.5 with CRF); MoCo v2 alone 45.0.
-
-Outputs in --out (default: next to the checkpoint): linear.pth (the classifier, resumable every epoch),
-linear_eval.json (mIoU, per-class IoU, loss per epoch, timings), linear_val.png (image | ground truth | prediction).
+Outputs in --out (default: next to the checkpoint): linear.pth (the classifier, every epoch), linear_eval.json
+(mIoU, per-class IoU, the loss per epoch), linear_val.png (image | ground truth | prediction [| with CRF]).
 """
 import argparse
+import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.utils import draw_segmentation_masks
 from tqdm import tqdm
@@ -50,41 +38,30 @@ from tqdm import tqdm
 import common
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data-root", required=True, help="VOC-layout root with labels (SegmentationClass[Aug])")
-    common.add_download_arg(g)
-    g.add_argument("--train-split", default="trainaug", help="split the classifier is trained on (paper: trainaug, "
-                   "10,582 images; a plain VOC 2012 root only has 'train')")
-    g.add_argument("--val-split", default="val", help="split that is scored")
-    g.add_argument("--classes", type=int, default=0, help="number of classes incl. background; 0 = largest label in "
-                   "either split + 1 (21 on VOC)")
-    g.add_argument("--size", type=int, default=512, help="training crops and evaluation inputs are size×size")
-    g = p.add_argument_group("model")
-    common.add_load_model_args(g)
-    g.add_argument("--features", default="decoder", choices=["decoder", "backbone"],
-                   help="decoder: 256-d DeepLab-v3 output (the paper's LC); backbone: the dilated ResNet's last layer")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=60)
-    g.add_argument("--batch-size", type=int, default=16, help="global batch (split over torchrun processes)")
-    g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--wd", type=float, default=1e-4)
-    g.add_argument("--lr-step", type=int, default=40, help="lr ×0.1 from this epoch on (paper 40, released config 25)")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default=None, help="output folder (default: CHECKPOINT_DIR/linear_<features>, or "
-                   "runs/linear_<arch>_<features>_<init> for --checkpoint random)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/linear.pth if it exists")
-    g.add_argument("--predict", default=None, help="after training, segment every image of this folder (or VOC "
-                   "root) into OUT/predict/: <id>.png (palette) and <id>_overlay.png")
-    g.add_argument("--n-figures", type=int, default=8, help="val images shown in linear_val.png")
-    common.add_runtime_args(p)
-    return p.parse_args(argv)
+# ======================================================================================================================
+# The linear protocol
+# ======================================================================================================================
 
+class LinearProbe(nn.Module):
+    """A frozen network and a fresh 1×1 conv on one of its layers (`features`), initialised as released: N(0, 0.01)
+    weights and zero bias, so that every class starts near zero."""
 
-def is_main():
-    return not dist.is_initialized() or dist.get_rank() == 0
+    def __init__(self, model, features, n_classes):
+        super().__init__()
+        self.model, self.features = model.eval().requires_grad_(False), features
+        self.classifier = nn.Conv2d(model.layer_channels(features), n_classes, 1)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.model.eval()  # the frozen network keeps its BatchNorm statistics and has no dropout
+        return self
+
+    def forward(self, x):
+        with torch.no_grad():
+            f = self.model.layer_features(x, self.features)
+        return self.classifier(f)  # class logits at stride 8
 
 
 def check_frozen(model, before):
@@ -95,71 +72,160 @@ def check_frozen(model, before):
                            f"training, e.g. {changed[:3]}")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# One epoch of training, scoring, pictures
+# ======================================================================================================================
+# Dense CRF (the release's LC + CRF column), in torch
+# ======================================================================================================================
 
-def train_one_epoch(extract, classifier, loader, optimizer, scaler, args, device, n_classes, samples):
-    classifier.train()
-    total, seen = 0.0, 0
-    for x, y, idx in tqdm(loader, desc="train", leave=False, disable=not is_main()):
-        bad = ((y >= n_classes) & (y != common.IGNORE)).flatten(1).any(1)
-        if bad.any():
-            s = samples[int(idx[bad][0])]
-            raise common.UserError(f"{s.label}: has labels >= {n_classes} classes; pass --classes")
-        if (y != common.IGNORE).sum() == 0:
-            continue  # nothing to learn from a batch whose pixels are all ignored
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.no_grad(), common.autocast(device, args.amp):
-            f = extract(x)
-        with common.autocast(device, args.amp):
-            logits = classifier(f)
-        logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
-        loss = F.cross_entropy(logits, y, ignore_index=common.IGNORE)
-        if not torch.isfinite(loss):
-            raise common.UserError(f"loss is {loss.item()}: lower --lr (now {args.lr}) or use --amp none")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        total += loss.item() * len(x)
-        seen += len(x)
-    return total / max(seen, 1)
+# Mean-field inference in the fully connected CRF of Krähenbühl & Koltun ("Efficient Inference in Fully Connected CRFs
+# with Gaussian Edge Potentials", NeurIPS 2011) with the arithmetic of their C++ code as pydensecrf wraps it —
+# DenseCRF2D, addPairwiseGaussian, addPairwiseBilateral, Potts, DIAG_KERNEL, NORMALIZE_SYMMETRIC — which the release
+# uses. As there, both Gaussian kernels are filtered with the permutohedral lattice of Adams, Baek & Davis (Eurographics
+# 2010): splat each pixel onto the d+1 corners of its simplex, blur along the d+1 lattice axes with [1/2, 1, 1/2],
+# slice back. The C++ hash table becomes a sort (torch.unique) of integer keys packed into int64 and the lattice
+# operations sparse (CSR) matrix products: tensor ops on the inputs' device. On 320 VOC images it gives pydensecrf's
+# argmax on every pixel (NOTES.md); tests/golden/crf_pydensecrf.json pins it.
+
+def _lattice(feat):
+    """Permutohedral lattice for feat (N, d) float32, features already divided by their standard
+    deviations.  Returns it as sparse matrices with M = number of lattice points:
+    splat (M, N), blurs: d+1 of (M, M), slice (N, M) = splat^T."""
+    n, d = feat.shape
+    dev = feat.device
+    # Elevate onto the plane sum(x)=0 of R^(d+1), scaled so that the lattice blur has unit standard
+    # deviation in feature space (Adams et al. p.5-6).  Done in float32 in the C++ order so that the
+    # rounding to lattice points below agrees with the reference.
+    inv_std = float(torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32))
+    scale = torch.tensor([1.0 / math.sqrt((i + 1) * (i + 2)) * inv_std for i in range(d)], device=dev)
+    inv = torch.tensor(1.0 / (d + 1), device=dev)                  # float32, as the C++ multiplies
+    cf = feat * scale                                              # (N, d)
+    elev = torch.empty(n, d + 1, device=dev)                       # (N, d+1)
+    acc = torch.zeros(n, device=dev)
+    for j in range(d, 0, -1):
+        elev[:, j] = acc - j * cf[:, j - 1]
+        acc = acc + cf[:, j - 1]
+    elev[:, 0] = acc
+
+    # Nearest remainder-0 point (all coordinates multiples of d+1), then the rank of each residual
+    # coordinate in decreasing order (ties to the lower index); the rank says which simplex we are in.
+    down = torch.round(elev * inv)                                 # (N, d+1), integer-valued
+    rem0 = down * (d + 1)
+    res = elev - rem0
+    less = res[:, :, None] < res[:, None, :]                       # (N, d+1, d+1): res_i < res_j
+    upper = torch.ones(d + 1, d + 1, dtype=torch.bool, device=dev).triu(1)   # i < j
+    rank = (less & upper).sum(2) + (~less & upper).sum(1) + down.sum(1, keepdim=True).long()
+    # The rounded point may lie off the plane (sum(down) != 0): wrapping the rank brings it back.
+    wrap = (rank < 0).long() - (rank > d).long()                   # (N, d+1)
+    rank = rank + (d + 1) * wrap
+    rem0 = rem0 + (d + 1) * wrap
+
+    # Barycentric weights (Adams et al. p.10): differences of the sorted residuals.
+    by_pos = torch.zeros(n, d + 1, device=dev).scatter_(1, d - rank, (elev - rem0) * inv)
+    weight = by_pos - torch.nn.functional.pad(by_pos[:, :-1], (1, 0))
+    weight[:, 0] += 1 - by_pos[:, d]
+
+    # Corner r of the simplex is rem0 + the canonical offset r - (d+1)·[rank > d-r]; the last of
+    # the d+1 coordinates is implied by sum = 0, so keys have d integers.
+    r = torch.arange(d + 1, device=dev)[None, :, None]             # (1, d+1, 1)
+    keys = rem0[:, None, :d].long() + r - (d + 1) * (rank[:, None, :d] > d - r).long()  # (N, d+1, d)
+    # Pack keys into one int64 with d+1 of margin per coordinate, so that a neighbour's code is the
+    # point's code plus a constant step and needs no decoding.
+    lo = keys.amin((0, 1)) - (d + 1)
+    span = keys.amax((0, 1)) - lo + d + 2
+    assert math.prod(span.tolist()) < 2 ** 62, "lattice too large to pack into int64"
+    stride = torch.cumprod(torch.cat([span.new_ones(1), span[:-1]]), 0)   # (d,)
+    points, vertex, count = torch.unique(((keys - lo) * stride).sum(2), return_inverse=True,
+                                         return_counts=True)       # (M,), (N, d+1), (M,)
+    m = len(points)
+
+    # The lattice as CSR matrices (the sparse format with a fast sparse @ dense on CPU and CUDA),
+    # so that filtering is  slice @ blur_d @ ... @ blur_0 @ splat  with slice = splat^T.
+    cols, order = vertex.sort(1)
+    slice_ = _csr(torch.full((n,), d + 1, device=dev), cols, weight.gather(1, order), (n, m))
+    order = vertex.reshape(-1).argsort(stable=True)                # entries grouped by lattice point
+    splat = _csr(count, order // (d + 1), weight.reshape(-1)[order], (m, n))
+    # Blur along lattice axis j with [1/2, 1, 1/2]: a neighbour has every coordinate -1 except
+    # coordinate j, which moves +d; absent neighbours contribute nothing.
+    blurs = []
+    point = torch.arange(m, device=dev)
+    for step in [(d + 1) * stride[j] - stride.sum() for j in range(d)] + [-stride.sum()]:
+        code = torch.stack([points, points + step, points - step], 1)        # (M, 3)
+        idx = torch.searchsorted(points, code).clamp(max=m - 1)
+        keep = points[idx] == code
+        idx, order = torch.where(keep, idx, point[:, None]).sort(1)  # columns ascending per row
+        keep = keep.gather(1, order)
+        vals = torch.tensor([1.0, 0.5, 0.5], device=dev).expand(m, 3).gather(1, order)
+        blurs.append(_csr(keep.sum(1), idx[keep], vals[keep], (m, m)))     # (M, M)
+    return splat, blurs, slice_
 
 
-@torch.no_grad()
-def predict_logits(extract, classifier, x, device, amp):
-    with common.autocast(device, amp):
-        return classifier(extract(x.to(device, non_blocking=True))).float()
+def _csr(count, cols, vals, size):
+    """CSR matrix from its entries listed row by row, count (R,) entries in each row.  Indices are
+    int32, which the CPU product uses natively (int64 would be converted at every product)."""
+    crow = torch.nn.functional.pad(count.cumsum(0), (1, 0))
+    with warnings.catch_warnings():  # silence torch's "sparse CSR support is in beta" notice
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow.int(), cols.int(), vals, size, check_invariants=False)
 
 
-@torch.no_grad()
-def evaluate(extract, classifier, samples, args, device, n_classes, batch_size, keep=0):
-    """Confusion matrix over `samples` at each label's own size; the first `keep` predictions are returned too."""
-    classifier.eval()
-    ds = common.SegDataset(samples, common.eval_transform(args.size), keep_label_size=True)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=args.workers,
-                        collate_fn=common.collate_keep_labels, pin_memory=device.type == "cuda")
-    conf = torch.zeros(n_classes, n_classes, dtype=torch.long)
-    shown = []
-    for x, ys, idx in tqdm(loader, desc="eval", leave=False, disable=not is_main()):
-        logits = predict_logits(extract, classifier, x, device, args.amp)
-        for lg, y, i in zip(logits, ys, idx):
-            if ((y >= n_classes) & (y != common.IGNORE)).any():
-                raise common.UserError(f"{samples[int(i)].label}: has labels >= {n_classes} classes; pass --classes")
-            pred = F.interpolate(lg[None], size=y.shape, mode="bilinear", align_corners=False).argmax(1)[0]
-            conf += common.confusion_matrix(pred, y, n_classes)
-            if len(shown) < keep:
-                shown.append((samples[int(i)], y, pred.cpu()))
-    return conf, shown
+def _filter(x, splat, blurs, slice_):
+    """Approximate Gaussian filtering sum_j k(f_i, f_j) x_j of x (N, C), the pixel's own term
+    included (the reference does not subtract it).  The reference's constant factor 1/(1+2^-d) is
+    left out: it cancels under the symmetric normalisation."""
+    y = splat @ x                                                  # (M, C)
+    for blur in blurs:
+        y = blur @ y
+    return slice_ @ y                                              # (N, C)
 
 
-def save_figure(shown, path, tile=160):
-    """One row per image: image | ground truth | prediction (VOC palette)."""
+def dense_crf(image, probs, iters=10, gauss_sxy=1.0, gauss_compat=3.0, bilat_sxy=67.0,
+              bilat_srgb=3.0, bilat_compat=4.0):
+    """image: uint8 tensor (3, H, W) RGB; probs: float tensor (C, H, W) class probabilities
+    (softmax of a classifier), on the same device.
+    Returns float32 (C, H, W): the mean-field marginals Q after `iters` iterations.
+
+    Channel order matters slightly (the lattice is not invariant to permuting features): the
+    MaskContrast release passes cv2's BGR image, so pass image.flip(0) to reproduce it exactly."""
+    c, h, w = probs.shape
+    assert image.shape == (3, h, w) and image.dtype == torch.uint8, "image must be uint8 (3, H, W)"
+    dev = probs.device
+    ys, xs = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float32),
+                            torch.arange(w, device=dev, dtype=torch.float32), indexing="ij")
+    xy = torch.stack([xs, ys], -1).reshape(-1, 2)                  # (N, 2), x first as DenseCRF2D
+    rgb = image.reshape(3, -1).t().float()                         # (N, 3)
+    kernels = []
+    for feat, compat in ((xy / gauss_sxy, gauss_compat),
+                         (torch.cat([xy / bilat_sxy, rgb / bilat_srgb], 1), bilat_compat)):
+        lattice = _lattice(feat)
+        # NORMALIZE_SYMMETRIC: K -> D^-1/2 K D^-1/2 with D = K·1 (each pixel's total kernel weight).
+        norm = _filter(torch.ones(h * w, 1, device=dev), *lattice).rsqrt()   # (N, 1)
+        kernels.append((lattice, norm, compat))
+
+    # Unary -log p, with p clipped at 1e-5 as pydensecrf.utils.unary_from_softmax does.
+    unary = -probs.float().clamp_min(1e-5).log().reshape(c, -1).t()  # (N, C)
+    q = torch.softmax(-unary, 1)
+    for _ in range(iters):
+        # Potts energy w·[l_i != l_j] equals -w·[l_i == l_j] up to a constant, so each kernel's
+        # message *adds* w·(filtered Q) to the logits: Q ∝ exp(-U + Σ_k w_k · K̃_k Q).
+        logits = -unary
+        for lattice, norm, compat in kernels:
+            logits = logits + compat * norm * _filter(norm * q, *lattice)
+        q = torch.softmax(logits, 1)
+    return q.t().reshape(c, h, w).contiguous()
+
+
+# ======================================================================================================================
+# Pictures and your own images
+# ======================================================================================================================
+
+def save_figure(shown, shown_crf, path, tile=160):
+    """One row per image: image | ground truth | prediction [| prediction after the CRF] (VOC palette)."""
     tiles = []
-    for s, y, pred in shown:
+    for k, (s, y, pred) in enumerate(shown):
         tiles += [common.read_image(s.image), common.colorize(y), common.colorize(pred)]
+        if shown_crf:
+            tiles.append(common.colorize(shown_crf[k]))
     if tiles:
-        common.save_grid(tiles, path, ncol=3, size=tile)
+        common.save_grid(tiles, path, ncol=4 if shown_crf else 3, size=tile)
 
 
 def overlay(img, pred, n_classes, alpha=0.5):
@@ -172,134 +238,193 @@ def overlay(img, pred, n_classes, alpha=0.5):
 
 
 @torch.no_grad()
-def predict_folder(extract, classifier, folder, out, args, device, n_classes):
+def predict_folder(probe, folder, out, size, device, amp, n_classes, crf):
     """Segment the user's own images: a palette PNG and an overlay per image, at the image's own size."""
-    classifier.eval()
-    tf = common.eval_transform(args.size)
+    probe.eval()
+    tf = common.eval_transform(size)
     samples = common.list_samples(folder)
     for s in tqdm(samples, desc="predict"):
         img = common.read_image(s.image)
-        logits = predict_logits(extract, classifier, tf(tv_tensors.Image(img))[None], device, args.amp)
-        pred = F.interpolate(logits, size=img.shape[1:], mode="bilinear", align_corners=False).argmax(1)[0].cpu()
+        with common.autocast(device, amp):
+            logits = probe(tf(tv_tensors.Image(img))[None].to(device)).float()
+        probs = F.interpolate(logits, size=img.shape[1:], mode="bilinear", align_corners=False)[0].softmax(0)
+        pred = (dense_crf(img.flip(0).to(device), probs) if crf else probs).argmax(0).cpu()
         common.save_label_png(pred.numpy(), out / f"{s.id}.png")
-        ov = overlay(img, pred, n_classes).permute(1, 2, 0).numpy()
-        common.atomic_write(out / f"{s.id}_overlay.png",
-                            lambda p: Image.fromarray(ov).save(p, format="PNG"))
+        common.save_png(overlay(img, pred, n_classes).permute(1, 2, 0).numpy(), out / f"{s.id}_overlay.png")
     return len(samples)
 
 
+class CRFRefine:
+    """evaluate_segmentation's `refine`: the dense CRF of a val image's class probabilities, on its own pixels."""
+
+    def __init__(self, device, keep=0):
+        self.device, self.keep, self.shown = device, keep, []
+
+    def __call__(self, sample, probs):
+        # the release hands the CRF OpenCV's BGR image; the lattice is not symmetric in the channel order (RGB gives
+        # the same argmax on 99.87 % of the pixels)
+        q = dense_crf(common.read_image(sample.image).flip(0).to(self.device), probs)
+        if len(self.shown) < self.keep:
+            self.shown.append(q.argmax(0).cpu())
+        return q
+
+
+# ======================================================================================================================
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    pos = common.positive_int
+    g = p.add_argument_group("data")
+    common.add_labelled_data_args(g)
+    g.add_argument("--size", type=pos, default=512, help="training crops and evaluation inputs are size×size")
+    g.add_argument("--border-label", type=int, default=0, choices=[0, 255], help="label of what a zoom-out or "
+                   "rotation brings in: 0 = background (released), 255 = ignored")
+    g = p.add_argument_group("model")
+    common.add_checkpoint_arg(g)
+    g.add_argument("--features", default="decoder", choices=["decoder", "head", "backbone"],
+                   help="the layer read: decoder = the 256-d DeepLab-v3 output (the paper's LC), head = the D-dim "
+                   "embedding, backbone = the dilated ResNet's last layer (Table 1's ImageNet and MoCo rows)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=pos, default=60)
+    g.add_argument("--batch-size", type=pos, default=16, help="global batch (split over torchrun processes)")
+    g.add_argument("--lr", type=common.positive_float, default=0.1)
+    g.add_argument("--momentum", type=common.nonnegative_float, default=0.9)
+    g.add_argument("--wd", type=common.nonnegative_float, default=1e-4)
+    g.add_argument("--lr-step", type=common.nonnegative_int, default=26, help="epochs at the full lr before it drops "
+                   "×0.1: 26 as released (its `epoch > 25`), 40 as the paper's text says")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="output folder (default: CHECKPOINT_DIR/linear_<features>, or "
+                   "runs/linear_<features>_<arch>_<baseline>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out (a finished one: only score, "
+                   "--crf, --predict)")
+    g.add_argument("--crf", action="store_true", help="also score LC + CRF (10 mean-field iterations; Gaussian sxy 1 "
+                   "compat 3, bilateral sxy 67 srgb 3 compat 4, the release's settings)")
+    g.add_argument("--predict", default=None, help="after training, segment every image of this folder (or VOC "
+                   "root) into OUT/predict/: <id>.png (palette) and <id>_overlay.png")
+    g.add_argument("--n-figures", type=common.nonnegative_int, default=8, help="val images shown in linear_val.png")
+    common.add_runtime_args(p)
+    return p.parse_args(argv)
+
+
 def main(argv=None):
-    # ------------------------------------------------------------------------------------------------------ args
+    # =========================================================================================================== args
     args = get_args(argv)
     common.resolve_download(args)
-    rt = common.setup_runtime(args.device)
-    device = rt.device
+    world = common.setup_world(args.device)
+    device = world.device
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels once
-    out = Path(args.out) if args.out else common.default_out(args, f"linear_{args.features}")
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
+    out = Path(args.out or common.default_eval_out(args.checkpoint, args.arch, f"linear_{args.features}"))
 
-    # ------------------------------------------------------------------------------------------------------ data
-    train_samples = common.list_samples(args.data_root, args.train_split, labels=True)
+    # =========================================================================================================== data
+    train_split = common.train_split(args.data_root, args.train_split)
+    train_samples = common.list_samples(args.data_root, train_split, labels=True)
     val_samples = common.list_samples(args.data_root, args.val_split, labels=True)
-    n_classes = common.scan_classes(val_samples + train_samples, args.classes)
+    n_classes = common.scan_labels({train_split: train_samples, args.val_split: val_samples}, args.classes,
+                                   args.workers)
     names = common.class_names(n_classes)
-    train_ds = common.SegDataset(train_samples, common.seg_train_transform(args.size))
-    sampler = DistributedSampler(train_ds, shuffle=True, seed=args.seed) if rt.world > 1 else None
-    loader = DataLoader(train_ds, batch_size=max(1, args.batch_size // rt.world), shuffle=sampler is None,
-                        sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=args.workers > 0)
+    resuming = common.prepare_out(out, args.resume, ["linear.pth"], is_main=world.is_main)  # before any work
+    train_ds = common.SegDataset(train_samples, common.seg_train_transform(args.size, border_label=args.border_label))
+    sampler = common.SeededSampler(len(train_ds), args.seed, world.rank, world.size)
+    loader = DataLoader(train_ds, batch_size=max(1, args.batch_size // world.size), sampler=sampler,
+                        num_workers=args.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=args.workers > 0, generator=torch.Generator())
 
-    # ----------------------------------------------------------------------------------------------------- model
-    common.seed_all(args.seed)  # the same random init on every process
-    model, desc = common.load_model(args.checkpoint, args.arch, args.backbone_init)
-    model = common.freeze(model.to(device))
-    extract = model.features if args.features == "decoder" else model.backbone_features
-    channels = 256 if args.features == "decoder" else common.ARCH_CHANNELS[model.arch]
-    before = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    classifier = nn.Conv2d(channels, n_classes, 1)
-    nn.init.normal_(classifier.weight, std=0.01)  # the released init: a near-zero start for every class
-    nn.init.zeros_(classifier.bias)
-    classifier = classifier.to(device)
-    raw_classifier = classifier
-    if rt.world > 1:
-        classifier = nn.parallel.DistributedDataParallel(classifier)
+    # ========================================================================================================== model
+    common.seed_all(args.seed)  # the same classifier init on every process
+    model, _, desc = common.load_model(args.checkpoint, args.arch)
+    probe = LinearProbe(model, args.features, n_classes).to(device)
+    ddp_probe = probe if world.size == 1 else nn.parallel.DistributedDataParallel(probe)
+    before = {k: v.detach().cpu().clone() for k, v in probe.model.state_dict().items()}
     spec = {"checkpoint": str(args.checkpoint), "features": args.features, "arch": model.arch,
-            "backbone_init": args.backbone_init, "channels": channels, "n_classes": n_classes}
-    common.seed_all(args.seed + rt.rank)  # but each process its own augmentations
-    common.print0(f"{desc}; {args.features} features ({channels}-d) → {n_classes} classes; train {len(train_ds)} "
-                  f"{args.train_split}, score {len(val_samples)} {args.val_split}; device {device}, world {rt.world}")
+            "channels": probe.classifier.in_channels, "n_classes": n_classes}
+    common.print0(f"{desc}; {args.features} features ({spec['channels']}-d) → {n_classes} classes; train "
+                  f"{len(train_ds)} {train_split}, score {len(val_samples)} {args.val_split}; device {device}, "
+                  f"{world.size} process(es)")
 
-    # ------------------------------------------------------------------------------------------------- optimizer
-    optimizer = torch.optim.SGD(raw_classifier.parameters(), lr=args.lr, momentum=args.momentum,
+    # ====================================================================================================== optimizer
+    optimizer = torch.optim.SGD(probe.classifier.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.wd)
-    scaler = common.make_scaler(device, args.amp)
+    step = common.TrainStep(optimizer, [probe.classifier], device, args.amp,
+                            advice=f"a learning rate too high (--lr {args.lr:g})")
 
-    # ---------------------------------------------------------------------------------------------------- resume
+    # ========================================================================================================= resume
     start, history, results = 0, [], None
     ck_path = out / "linear.pth"
-    if args.resume and ck_path.exists():
+    if resuming:
         ck = common.load_checkpoint(ck_path, kind="linear")
         if ck["frozen"] != spec:
             raise common.UserError(f"{ck_path}: was trained on {ck['frozen']}, not {spec}; pass another --out")
-        raw_classifier.load_state_dict(ck["model"])
+        probe.classifier.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
-        start, history, results = ck["epoch"], ck["history"], ck.get("results")
+        step.load_state_dict(ck["train_step"])
+        start, history, results, step.checkpoint = ck["epoch"], ck["history"], ck.get("results"), ck_path
         common.print0(f"resumed {ck_path} at epoch {start}/{args.epochs}")
-    elif args.resume:
-        common.print0(f"--resume: no {ck_path} yet, starting from epoch 0")
 
-    # ------------------------------------------------------------------------------------------------------ loop
+    # ======================================================================================================= training
     t0 = time.time()
     for epoch in range(start, args.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
         lr = args.lr * (0.1 if epoch >= args.lr_step else 1.0)
-        for gr in optimizer.param_groups:
-            gr["lr"] = lr
-        te = time.time()
-        loss = train_one_epoch(extract, classifier, loader, optimizer, scaler, args, device, n_classes, train_samples)
-        history.append({"epoch": epoch + 1, "lr": lr, "loss": loss,
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        sampler.set_epoch(epoch)
+        ddp_probe.train()
+        loss_sum, te = torch.zeros((), device=device), time.time()
+        for x, y, _ in tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=not world.is_main):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with common.autocast(device, args.amp):
+                logits = ddp_probe(x)
+            logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
+            loss_sum += step(common.segmentation_loss(logits, y))
+        step.check(f"epoch {epoch + 1}")  # before the checkpoint: a saved classifier is always a finite one
+        history.append({"epoch": epoch + 1, "lr": lr, "loss": float(loss_sum) / len(loader),
                         "train_img_per_s": len(train_ds) / max(time.time() - te, 1e-9)})
-        common.print0(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  loss {loss:.4f}  "
+        common.print0(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  loss {history[-1]['loss']:.4f}  "
                       f"{history[-1]['train_img_per_s']:.1f} img/s")
         results = None  # a new epoch invalidates earlier scores
-        if rt.main:
-            common.save_checkpoint(ck_path, kind="linear", model=raw_classifier.state_dict(),
-                                   optimizer=optimizer.state_dict(), epoch=epoch + 1, history=history,
-                                   args=vars(args), frozen=spec)
+        if world.is_main:
+            common.save_checkpoint(ck_path, "linear", model=probe.classifier.state_dict(),
+                                   optimizer=optimizer.state_dict(), train_step=step.state_dict(), epoch=epoch + 1,
+                                   history=history, args=vars(args), frozen=spec)
+        step.checkpoint = ck_path
     train_s = time.time() - t0
-    check_frozen(model, before)  # raises if anything but the new layer changed
+    check_frozen(probe.model, before)  # raises if anything but the new layer changed
     common.print0("sanity check passed: the frozen network is bit-identical to the loaded one")
 
-    if results is None:
+    # ===================================================================================================== evaluation
+    if results is None or (args.crf and "miou_crf" not in results):
         te = time.time()
-        conf, shown = evaluate(extract, raw_classifier, val_samples[rt.rank::rt.world], args, device, n_classes,
-                               loader.batch_size, keep=args.n_figures if rt.main else 0)
-        if rt.world > 1:
-            conf = conf.to(device)
-            dist.all_reduce(conf)
-            conf = conf.cpu()
-        miou, iou = common.miou_from_confusion(conf)
-        results = {"miou": miou, "per_class_iou": {n: float(v) for n, v in zip(names, iou)},
-                   "pixel_acc": float(conf.diag().sum() / conf.sum().clamp(min=1) * 100),
+        crf = CRFRefine(device, args.n_figures if world.is_main else 0) if args.crf else None
+        ev = common.evaluate_segmentation(probe, val_samples, n_classes, args.size, device, args.amp,
+                                          loader.batch_size, args.workers, world,
+                                          keep=args.n_figures if world.is_main else 0, refine=crf)
+        miou, iou = common.miou_from_confusion(ev["conf"])
+        results = {"miou": miou, "per_class_iou": dict(zip(names, iou.tolist())),
+                   "pixel_acc": float(ev["conf"].diag().sum() / ev["conf"].sum().clamp(min=1) * 100),
                    "epochs": args.epochs, "eval_s": time.time() - te, "train_s": train_s,
-                   "val_images": len(val_samples), "train_images": len(train_ds), "model": desc, **spec}
+                   "val_images": len(val_samples), "train_images": len(train_ds), "model": desc,
+                   "confusion": ev["conf"].tolist(), **spec}
+        if crf:
+            results["miou_crf"], iou_crf = common.miou_from_confusion(ev["conf_refined"])
+            results["per_class_iou_crf"] = dict(zip(names, iou_crf.tolist()))
 
-        # ------------------------------------------------------------------------------------------------------ save
-        if rt.main:
-            save_figure(shown, out / "linear_val.png")
-            common.save_checkpoint(ck_path, kind="linear", model=raw_classifier.state_dict(),
-                                   optimizer=optimizer.state_dict(), epoch=args.epochs, history=history,
-                                   args=vars(args), frozen=spec, results=results)
-            common.write_json(out / "linear_eval.json", {**results, "history": history, "args": vars(args),
-                                                         "confusion": conf.tolist()})
-    common.print_table([(n, results["per_class_iou"][n]) for n in names] + [("mIoU", results["miou"])],
-                       ["class", "IoU %"])
-    common.print0(f"linear classifier, last epoch ({args.epochs}): mIoU {results['miou']:.2f} on "
-                  f"{len(val_samples)} {args.val_split} images → {out / 'linear_eval.json'}")
+        # =================================================================================================== save
+        if world.is_main:
+            save_figure(ev["shown"], crf.shown if crf else None, out / "linear_val.png")
+            common.save_checkpoint(ck_path, "linear", model=probe.classifier.state_dict(),
+                                   optimizer=optimizer.state_dict(), train_step=step.state_dict(), epoch=args.epochs,
+                                   history=history, args=vars(args), frozen=spec, results=results)
+            common.write_json(out / "linear_eval.json", {**results, "history": history, "args": vars(args)})
+    rows = [(n, results["per_class_iou"][n]) + ((results["per_class_iou_crf"][n],) if "miou_crf" in results else ())
+            for n in names]
+    rows.append(("mIoU", results["miou"]) + ((results["miou_crf"],) if "miou_crf" in results else ()))
+    common.print_table(rows, ["class", "IoU %"] + (["with CRF"] if "miou_crf" in results else []))
+    common.print0(f"linear classifier, last epoch ({args.epochs}): mIoU {results['miou']:.2f}"
+                  + (f", with CRF {results['miou_crf']:.2f}" if "miou_crf" in results else "")
+                  + f" on {len(val_samples)} {args.val_split} images → {out / 'linear_eval.json'}")
 
-    if args.predict and rt.main:
-        n = predict_folder(extract, raw_classifier, args.predict, out / "predict", args, device, n_classes)
+    if args.predict and world.is_main:
+        n = predict_folder(probe, args.predict, out / "predict", args.size, device, args.amp, n_classes, args.crf)
         common.print0(f"segmented {n} images of {args.predict} → {out / 'predict'}")
     if dist.is_initialized():
         dist.destroy_process_group()

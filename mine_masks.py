@@ -1,61 +1,38 @@
-r"""Mine one salient-object mask per image, from raw images with no labels and no downloads (MaskContrast, Van Gansbeke
-et al. ICCV 2021, Sec. 3.2 "mask proposals": the masks that pretrain.py contrasts).
+r"""Mine one salient-object mask per image, from raw images with no labels and no downloads: paper Sec. 3.2, "mask
+proposals" — the masks pretrain.py contrasts.
 
-The paper takes its masks from an off-the-shelf saliency estimator: unsupervised (DeepUSPS, Nguyen et al. NeurIPS
-2019: hand-crafted priors → a network trained on them → bootstrapping) or supervised (BAS-Net trained on DUTS). The
-release ships only the resulting PNGs. This script makes them, in one of three modes that share post-processing and
-output:
+The paper takes its masks from an off-the-shelf saliency estimator, unsupervised (DeepUSPS, Nguyen et al. NeurIPS
+2019: hand-crafted priors → a network trained on them → bootstrapping) or supervised (BAS-Net trained on DUTS); the
+release ships only the resulting PNGs. This script makes them, in one of three modes:
 
-1. unsupervised (default)
-   a. two classical saliency priors, batched in torch (GPU when there is one), fused by their mean:
-      - "mbd": Minimum Barrier salient object detection, Zhang et al. ICCV 2015 ("MB+"): the minimum-barrier distance
-        of each pixel to the image border in each Lab channel (their FastMBD raster scan, run here as whole-line
-        sweeps on uint8 images), plus their image-boundary contrast map (Mahalanobis distance to each border strip,
-        minus the largest of the four), smoothing by morphological reconstruction, a centre bias and a sigmoid
-        around the Otsu threshold;
-      - "rbd": Saliency Optimization from Robust Background Detection, Zhu et al. CVPR 2014: SLIC superpixels
-        (Achanta et al. TPAMI 2012, on a fixed lattice), boundary connectivity from geodesic distances on the
-        superpixel graph (scipy's Dijkstra) → background probability, background-weighted contrast → foreground
-        weight, and their least-squares saliency optimisation (one linear solve per image);
-   b. a saliency network, common.SegModel's 1-channel head on any --arch, trained with BCE on the confident pixels of
-      the fused prior only (> --fg-thresh as object, < --bg-thresh as background, the band between ignored);
-   c. --rounds R: R networks, each fresh; the first learns from the priors, each next from its predecessor's
-      predictions with flip test-time augmentation (DeepUSPS's and the paper's bootstrapping), averaged with the
-      priors (--prior-weight 0.5; 0 = the predictions alone) so that an over-inclusive network cannot snowball.
-2. supervised (--train-images DIR --train-masks DIR, e.g. DUTS-TR): the same network trained on labeled masks.
-3. import (--import-maps DIR): saliency maps from any other tool (grey PNGs of any size) are only post-processed.
+1. unsupervised (default): two classical saliency priors computed batched in torch (GPU when there is one) and fused
+   by their mean — "mbd", Minimum Barrier salient object detection (Zhang et al. ICCV 2015, MB+), and "rbd", Saliency
+   Optimization from Robust Background Detection (Zhu et al. CVPR 2014, on SLIC superpixels) — then --rounds saliency
+   networks (common.SegModel's 1-channel head), the first trained on the confident pixels of the priors, each next one
+   on its predecessor's flip-averaged predictions mixed with the priors (DeepUSPS's and the paper's bootstrapping);
+2. supervised (--train-images DIR --train-masks DIR, e.g. DUTS-TR): the same network trained on real masks — the
+   paper's "supervised saliency" variant;
+3. import (--import-maps DIR): saliency maps from any other tool (grey images of any size), only post-processed.
 
-Post-processing (what the released masks went through): threshold 0.5, delete connected components (8-connected)
-under 1 % of the image, drop the image when under 1 % foreground remains. Output: 0/255 PNGs at each image's original
-size in OUT_ROOT/saliency_<name>/<id>.png (OUT_ROOT defaults to each data root: the folder pretrain.py reads via
-common.saliency_dir), with dropped.txt (one dropped id a line) and summary.json beside them. --eval-masks DIR scores
-every stage (MAE, max F-beta with beta² = 0.3, IoU at 0.5, at original size) and draws a grid
-image | prior | prediction | mask | ground truth in --out.
+The post-processing is the release's: threshold strictly above 0.5; remove every contour whose filled area (holes
+included) is under 1 % of the image; drop the image when under 1 % of it is object. The masks are written as 0/255
+PNGs at each image's original size to MASK_ROOT/saliency_<name>/<id>.png (MASK_ROOT: each data root, unless
+--mask-root), with dropped.txt and summary.json beside them: what pretrain.py and kmeans_eval.py read by default.
 
 Commands
-  # CPU demo on the synthetic data (demo.sh), priors only, masks written to demo_out/data/saliency_mined/
-  python mine_masks.py --data-root demo_out/data --name mined --rounds 0 --prior-size 96 \
-      --eval-masks demo_out/data/saliency_oracle --out demo_out/mine_masks
-  # 2-core CPU, ECSSD, priors + one network round (the measured run in README.md, about 10 minutes)
-  OMP_NUM_THREADS=1 python mine_masks.py --data-root ../shared/data/ecssd/images --out-root runs/ecssd \
-      --name unsup --eval-masks ../shared/data/ecssd/masks --arch resnet18 --size 96 --epochs 2 --batch-size 8 \
-      --rounds 1 --workers 1 --out runs/mine_ecssd_cpu
-  # one GPU, ECSSD, unsupervised, scored against its masks (masks written under runs/ecssd/saliency_unsup/)
-  python mine_masks.py --data-root ../shared/data/ecssd/images --out-root runs/ecssd --name unsup \
-      --eval-masks ../shared/data/ecssd/masks --arch resnet50 --backbone-init imagenet --out runs/mine_ecssd
-  # supervised saliency model (the paper's stronger variant) trained on DUTS-TR, predicting PASCAL VOC
-  python mine_masks.py --data-root VOCdevkit/VOC2012 --split trainaug --name sup \
-      --train-images DUTS-TR/images --train-masks DUTS-TR/masks --out runs/mine_voc_sup
+  # default: every image of the root, unsupervised, written to VOC/saliency_unsup/
+  python mine_masks.py --data-root VOC
+  # scored against ground-truth masks (MAE, max F-beta, IoU at 0.5 per stage; grid.png), masks under runs/ecssd/
+  python mine_masks.py --data-root ECSSD/images --mask-root runs/ecssd --eval-masks ECSSD/masks --out runs/mine_ecssd
+  # the supervised variant, trained on DUTS-TR, predicting VOC (VOC/saliency_sup/)
+  python mine_masks.py --data-root VOC --name sup --train-images DUTS-TR/images --train-masks DUTS-TR/masks
   # maps from another tool
-  python mine_masks.py --data-root VOCdevkit/VOC2012 --name basnet --import-maps basnet_maps/
-There is no torchrun mode: one process, one device (priors and prediction are batched instead).
-
-Numbers the papers report (max F-beta on ECSSD): RBD 0.68 (the classical level), DeepUSPS ≈ 0.87 (pretrained
-backbone), BAS-Net 0.938 (supervised). What this script reaches here, with the hardware it took: README.md, "Numbers".
+  python mine_masks.py --data-root VOC --name basnet --import-maps basnet_maps/
+One process, one device (priors and prediction are batched instead of spread over processes).
 """
 import argparse
-import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,12 +41,15 @@ import scipy.sparse
 import scipy.sparse.csgraph
 import torch
 import torch.nn.functional as F
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
 import common
 
+
+# ======================================================================================================================
+# The classical priors
+# ======================================================================================================================
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Prior 1: minimum-barrier distance (Zhang et al. ICCV 2015, MB+)
@@ -272,8 +252,42 @@ def rbd_prior(rgb, grid=16, cell=8, sigma_clr=10.0, sigma_bndcon=1.0, sigma_spa=
 PRIORS = {"mbd": mbd_prior, "rbd": rbd_prior}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Metrics and post-processing
+# ======================================================================================================================
+# Post-processing and metrics
+# ======================================================================================================================
+
+def postprocess(prob, threshold=0.5, min_area=0.01):
+    """The release's recipe, on a map in [0, 1]: threshold strictly above `threshold`; every contour whose filled
+    area is under `min_area` of the image is set to 0 — an object's outer contour encloses its holes (so a large ring
+    stays), a hole's contour encloses the hole and the object pixels along its edge (so the edge of a small hole
+    goes); the image is dropped when under `min_area` of it remains. This is cv2.findContours(RETR_TREE) + filled
+    drawContours written with scipy.ndimage (tests/golden). Returns (mask, object share, why it was dropped or None)."""
+    fg = np.asarray(prob) > threshold
+    limit = min_area * fg.size
+    mask = fg.copy()
+    objects, _ = scipy.ndimage.label(fg, structure=np.ones((3, 3)))  # 8-connected objects, as OpenCV's
+    for k, box in enumerate(scipy.ndimage.find_objects(objects), start=1):
+        box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+        filled = scipy.ndimage.binary_fill_holes(objects[box] == k)
+        if filled.sum() < limit:
+            mask[box][filled] = False
+    holes, _ = scipy.ndimage.label(~fg)  # 4-connected background regions; those off the border are holes
+    outside = set(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]).tolist())
+    for k, box in enumerate(scipy.ndimage.find_objects(holes), start=1):
+        if box is None or k in outside:
+            continue
+        box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+        hole = holes[box] == k
+        region = scipy.ndimage.binary_fill_holes(hole) | scipy.ndimage.binary_dilation(hole)
+        if region.sum() < limit:
+            mask[box][region] = False
+    share = float(mask.mean())
+    reason = None
+    if share < min_area:
+        reason = (f"no pixel above {threshold}" if not fg.any() else
+                  f"foreground {share:.2%} < {min_area:.0%} after removing contours under {min_area:.0%}")
+    return mask, share, reason
+
 
 class SaliencyMeter:
     """MAE, max F-beta and IoU at 0.5 over images at their original size, as saliency benchmarks compute them:
@@ -302,25 +316,42 @@ class SaliencyMeter:
                 "images": len(self.mae)}
 
 
-def postprocess(prob, threshold=0.5, min_area=0.01):
-    """The released masks' recipe: threshold, delete 8-connected components under min_area of the image, and report
-    the image as dropped (with why) when under min_area of foreground remains. Returns (mask, fg share, reason)."""
-    fg = np.asarray(prob) >= threshold
-    comp, _ = scipy.ndimage.label(fg, structure=np.ones((3, 3)))
-    sizes = np.bincount(comp.ravel())
-    keep = sizes >= min_area * fg.size
-    keep[0] = False
-    mask = keep[comp]
-    share = float(mask.mean())
-    reason = None
-    if share < min_area:
-        reason = (f"no pixel above {threshold}" if not fg.any() else
-                  f"foreground {share:.2%} < {min_area:.0%} after removing components under {min_area:.0%}")
-    return mask, share, reason
+# ======================================================================================================================
+# Maps: in memory at S×S, or files of any size; read at each image's original size
+# ======================================================================================================================
+
+@dataclass
+class Maps:
+    """The saliency maps of one stage: uint8 (N, S, S) in memory, or one grey file per image (import mode)."""
+    sizes: torch.Tensor           # (N, 2): each image's original (H, W)
+    maps: torch.Tensor = None     # (N, S, S) uint8
+    files: list = None
+
+    def at(self, i):
+        """Map i at its image's original size, float in [0, 1] (resized bilinearly)."""
+        m = self.maps[i].float() / 255 if self.files is None else read_grey(self.files[i])
+        hw = tuple(int(v) for v in self.sizes[i])
+        if tuple(m.shape) == hw:
+            return m
+        return F.interpolate(m[None, None], size=hw, mode="bilinear", align_corners=False)[0, 0]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Data helpers
+def read_grey(path):
+    """A saliency map of any mode as (H, W) float in [0, 1]."""
+    return common.read_mask(path).float() / 255
+
+
+def score(maps, gts, name):
+    """The metrics of one stage against the ground truth at original size (None without --eval-masks)."""
+    if gts is None:
+        return None
+    meter = SaliencyMeter()
+    for i, gt in enumerate(gts):
+        meter.add(maps.at(i), gt)
+    r = meter.result()
+    common.print0(f"  {name:<14} MAE {r['mae']:.3f}  max-F {r['max_f']:.3f}  IoU {r['iou']:.3f}")
+    return r
+
 
 class _Resized(torch.utils.data.Dataset):
     """Images (and optionally masks) decoded and resized to size×size uint8, with their original (H, W)."""
@@ -338,8 +369,7 @@ class _Resized(torch.utils.data.Dataset):
         if self.masks is None:
             return x, torch.zeros(0, dtype=torch.uint8), torch.tensor(hw)
         m = common.read_mask(self.masks[i])
-        if tuple(m.shape) != hw:
-            raise common.UserError(f"{self.masks[i]}: mask is {tuple(m.shape)}, its image {self.images[i]} is {hw}")
+        common.check_same_size(m, hw, self.masks[i], self.images[i], "mask")
         m = v2.functional.resize(m[None].float(), [self.size, self.size], antialias=True)[0] >= 128
         return x, m.to(torch.uint8), torch.tensor(hw)
 
@@ -369,115 +399,108 @@ def match_by_stem(folder, ids, what):
     return [by_stem[i] for i in ids]
 
 
-def read_grey(path):
-    """A saliency map of any mode as (H, W) float in [0, 1]."""
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as im:
-            return torch.from_numpy(np.array(im.convert("L"), dtype=np.float32) / 255)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise common.UserError(f"{path}: cannot decode saliency map ({e}); replace or remove the file") from None
+# ======================================================================================================================
+# The saliency network: trained on (pseudo-)labels 0 / 1 / IGNORE, predicting with flip test-time augmentation
+# ======================================================================================================================
+
+@dataclass
+class NetConfig:
+    """How a saliency network is built and trained (the flags of the 'network' group)."""
+    arch: str = "resnet50"
+    backbone_init: str = "random"
+    size: int = 224
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    wd: float = 1e-4
+    workers: int = 0
+    amp: str = "bf16"
 
 
-def to_size(m, hw):
-    """A (h, w) map resized bilinearly to hw as float in [0, 1]."""
-    m = torch.as_tensor(m)
-    m = m.float() / 255 if m.dtype == torch.uint8 else m.float()
-    if tuple(m.shape) == tuple(hw):
-        return m
-    return F.interpolate(m[None, None], size=tuple(int(v) for v in hw), mode="bilinear", align_corners=False)[0, 0]
+class _Labelled(torch.utils.data.Dataset):
+    """A random view (crop, flip, as pretrain.py's) of an in-memory image and its label, with colour parameters for
+    the device; items are (index, seed) from common.SeededSampler."""
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The saliency network: train on pseudo-labels (0 / 1 / 255 = ignore), predict with flip TTA
-
-class _PseudoLabeled(torch.utils.data.Dataset):
-    def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(self, images, labels, size):
+        self.images, self.labels, self.size = images, labels, size
 
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, i):
-        x, y = self.transform(tv_tensors.Image(self.images[i]), tv_tensors.Mask(self.labels[i]))
-        return x, y.long()
+    def __getitem__(self, item):
+        i, seed = item
+        with common.seeded(seed):
+            view = common.draw_view(self.images.shape[-2:], scale=(0.3, 1.0))
+        return (common.crop_view(self.images[i], view, self.size), common.crop_view(self.labels[i], view, self.size),
+                common.draw_color_params(np.random.default_rng(seed)))
 
 
-def stage_config(args):
-    """The settings a stored stage or network depends on (not --rounds: more rounds reuse the earlier ones)."""
-    return {k: getattr(args, k) for k in ("priors", "prior_size", "arch", "backbone_init", "size", "epochs",
-                                          "batch_size", "lr", "wd", "fg_thresh", "bg_thresh", "prior_weight", "seed",
-                                          "train_images", "train_masks")}
-
-
-def train_network(images, labels, args, device, ckpt_path, tag, seed):
-    """A fresh SegModel trained with BCE on the labeled pixels of `labels`; checkpointed every epoch (resumable)."""
+def train_saliency_network(images, labels, net, seed, device, checkpoint, resume, tag):
+    """A fresh SegModel whose saliency head learns `labels` (N, S, S: 0, 1 or IGNORE) of the uint8 `images`
+    (N, 3, S, S) with BCE over the labelled pixels, AdamW with a poly schedule; checkpointed every epoch, and resumed
+    exactly from `checkpoint` when `resume` and the checkpoint was made with the same settings."""
     common.seed_all(seed)
-    model = common.SegModel(args.arch, 32, saliency_head=True)
-    msg = common.load_backbone_weights(model.backbone, args.backbone_init, args.arch)
+    model = common.SegModel(net.arch, saliency_head=True)
+    report = common.load_backbone_weights(model.backbone, net.backbone_init, net.arch)
     model.to(device)
-    # the released pretraining augmentation, image and pseudo-label jointly (crops, flip, colour jitter, greyscale)
-    data = _PseudoLabeled(images, labels, common.train_transform(args.size, scale=(0.3, 1.0)))
-    if len(data) < args.batch_size:
-        raise common.UserError(f"only {len(data)} training images, fewer than --batch-size {args.batch_size}")
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.workers, persistent_workers=args.workers > 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
-    scaler = common.make_scaler(device, args.amp)
-    total = args.epochs * len(loader)
-    start = 0
-    ck = common.load_checkpoint(ckpt_path, kind="saliency") if args.resume and ckpt_path.is_file() else None
-    if ck is not None and {k: ck["args"].get(k) for k in stage_config(args)} != stage_config(args):
-        common.print0(f"[{tag}] {ckpt_path} was trained with other settings: starting afresh")
-        ck = None
-    if ck is not None:
-        try:
+    data = _Labelled(images, labels, net.size)
+    if len(data) < net.batch_size or net.batch_size < 2:
+        raise common.UserError(f"{len(data)} training images and --batch-size {net.batch_size}: a batch needs at least "
+                               "2 images (BatchNorm) and the set at least one batch")
+    sampler = common.SeededSampler(len(data), seed)
+    loader = torch.utils.data.DataLoader(data, batch_size=net.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=net.workers, persistent_workers=net.workers > 0,
+                                         generator=torch.Generator())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=net.lr, weight_decay=net.wd)
+    step = common.TrainStep(optimizer, [model], device, net.amp,
+                            advice=f"a learning rate too high (--lr {net.lr:g})")
+    total, start = net.epochs * len(loader), 0
+    if resume and checkpoint.is_file():
+        ck = common.load_checkpoint(checkpoint, kind="saliency")
+        if ck["net"] == asdict(net) and ck["seed"] == seed:
             model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise common.UserError(f"{ckpt_path}: does not fit this --arch {args.arch} network ({str(e)[:100]}); "
-                                   "remove it or drop --resume") from None
-        start = ck["epoch"]
-        common.print0(f"[{tag}] resumed from {ckpt_path} at epoch {start}")
-    common.print0(f"[{tag}] {len(data)} images, {total} steps; {msg}")
-    for epoch in range(start, args.epochs):
+            optimizer.load_state_dict(ck["optimizer"])
+            step.load_state_dict(ck["train_step"])
+            start, step.checkpoint = ck["epoch"], checkpoint
+            common.print0(f"[{tag}] resumed {checkpoint} at epoch {start}")
+        else:
+            common.print0(f"[{tag}] {checkpoint} was trained with other settings: starting afresh")
+    common.print0(f"[{tag}] {len(data)} images, {total} steps; {report}")
+    for epoch in range(start, net.epochs):
+        sampler.set_epoch(epoch)
+        common.seed_all(seed, epoch)
         model.train()
-        seen, loss_sum = 0, 0.0
-        bar = tqdm(loader, desc=f"[{tag}] epoch {epoch + 1}/{args.epochs}", leave=False)
-        for it, (x, y) in enumerate(bar):
-            for g in opt.param_groups:
-                g["lr"] = common.poly_lr(args.lr, epoch * len(loader) + it, total)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with common.autocast(device, args.amp):
-                _, logit = model(x)
-            keep = y != common.IGNORE
-            if not keep.any():
-                continue
-            loss = F.binary_cross_entropy_with_logits(logit.float()[keep], y[keep].float())
-            if not torch.isfinite(loss):
-                raise common.UserError(f"[{tag}] loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            seen, loss_sum = seen + 1, loss_sum + loss.item()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
-        common.print0(f"[{tag}] epoch {epoch + 1}/{args.epochs} loss {loss_sum / max(seen, 1):.4f}")
-        common.save_checkpoint(ckpt_path, kind="saliency", model=model.state_dict(), optimizer=opt.state_dict(),
-                               epoch=epoch + 1, saliency_head=True, args={**vars(args), "dim": 32})
+        loss_sum = torch.zeros((), device=device)
+        for it, (x, y, c) in enumerate(tqdm(loader, desc=f"[{tag}] epoch {epoch + 1}/{net.epochs}", leave=False)):
+            for g in optimizer.param_groups:
+                g["lr"] = common.poly_lr(net.lr, epoch * len(loader) + it, total)
+            x, y, c = x.to(device, non_blocking=True), y.to(device, non_blocking=True), c.to(device, non_blocking=True)
+            x = common.normalize(common.apply_color_params(x.float() / 255, c))
+            with common.autocast(device, net.amp):
+                logit = model(x)[1]
+            labelled = (y != common.IGNORE).float()
+            bce = F.binary_cross_entropy_with_logits(logit.float(), y.clamp(max=1).float(), reduction="none")
+            loss = (bce * labelled).sum() / labelled.sum().clamp(min=1)  # over the labelled pixels, no host sync
+            loss_sum += step(loss)
+        step.check(f"[{tag}] epoch {epoch + 1}")
+        common.print0(f"[{tag}] epoch {epoch + 1}/{net.epochs} loss {float(loss_sum) / len(loader):.4f}")
+        common.save_checkpoint(checkpoint, "saliency", model=model.state_dict(), optimizer=optimizer.state_dict(),
+                               train_step=step.state_dict(), epoch=epoch + 1, net=asdict(net), seed=seed,
+                               args={"arch": net.arch})
+        step.checkpoint = checkpoint
     return model
 
 
 @torch.no_grad()
-def predict(model, images, args, device, out_size):
-    """Saliency probabilities of uint8 (N, 3, S, S) images, averaged with their mirror image, as uint8 maps
+def predict_saliency(model, images, size, batch_size, device, amp, out_size):
+    """Saliency probabilities of uint8 images (N, 3, S, S), averaged with those of their mirror image, as uint8 maps
     (N, out_size, out_size)."""
     model.eval()
-    norm = common.eval_transform(args.size)
+    norm = common.eval_transform(size)
     out = torch.empty(len(images), out_size, out_size, dtype=torch.uint8)
-    for i in range(0, len(images), args.batch_size):
-        x = norm(images[i:i + args.batch_size].to(device))
-        with common.autocast(device, args.amp):
+    for i in range(0, len(images), batch_size):
+        x = norm(images[i:i + batch_size].to(device))
+        with common.autocast(device, amp):
             p = torch.sigmoid(model(x)[1].float()) + torch.sigmoid(model(x.flip(-1))[1].float()).flip(-1)
         p = F.interpolate(p[:, None] / 2, size=(out_size, out_size), mode="bilinear", align_corners=False)[:, 0]
         out[i:i + len(p)] = (p.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
@@ -493,19 +516,116 @@ def pseudo_labels(maps, fg, bg):
     return y
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ======================================================================================================================
+# Stages: each stored in the work folder, reused by --resume when made from the same images and settings
+# ======================================================================================================================
+
+def load_stage(path, ids, config):
+    """A stage stored by save_stage for these ids and settings, or None."""
+    if not path.is_file():
+        return None
+    st = common.torch_load(path)
+    if st.get("ids") == ids and st.get("config") == config:
+        common.print0(f"[{path.stem[5:]}] reused from {path}")
+        return st
+    common.print0(f"[{path.stem[5:]}] {path} was made for other images or settings: recomputing")
+    return None
+
+
+def save_stage(path, ids, config, maps, metrics, seconds):
+    common.save_object(path, {"ids": ids, "config": config, "maps": maps, "metrics": metrics, "seconds": seconds})
+
+
+def network_stage(name, train_images, labels, images, net, seed, device, work, resume, ids, config, sizes, gts):
+    """A saliency network trained on `labels` of `train_images`, predicting `images`: a stage (reused when stored)."""
+    st = load_stage(work / f"maps_{name}.pt", ids, config) if resume else None
+    if st is None:
+        t = time.time()
+        model = train_saliency_network(train_images, labels, net, seed, device, work / f"{name}.pth", resume, name)
+        maps = predict_saliency(model, images, net.size, net.batch_size, device, net.amp, images.shape[-1])
+        st = {"maps": maps, "metrics": score(Maps(sizes, maps), gts, name), "seconds": time.time() - t}
+        save_stage(work / f"maps_{name}.pt", ids, config, maps, st["metrics"], st["seconds"])
+    return st
+
+
+# ======================================================================================================================
+# The three modes, each returning (the prior maps or None, the final maps, {stage: metrics}, {stage: seconds})
+# ======================================================================================================================
+
+def mine_unsupervised(images, sizes, gts, priors, prior_batch, rounds, prior_weight, fg_thresh, bg_thresh, net, seed,
+                      device, work, resume, ids, config):
+    """Priors → `rounds` saliency networks, each on the confident pixels of the last stage's maps."""
+    S = images.shape[-1]
+    metrics, seconds = {}, {}
+    st = load_stage(work / "maps_priors.pt", ids, config) if resume else None
+    if st is None:
+        fused, t0 = torch.zeros(len(images), S, S), time.time()
+        for name in priors:
+            t = time.time()
+            m = torch.empty(len(images), S, S, dtype=torch.uint8)
+            for i in tqdm(range(0, len(images), prior_batch), desc=f"prior {name}", leave=False):
+                x = images[i:i + prior_batch].to(device).float() / 255
+                m[i:i + len(x)] = (PRIORS[name](x) * 255).round().to(torch.uint8).cpu()
+            seconds[f"prior_{name}"] = time.time() - t
+            common.print0(f"[prior {name}] {len(images) / seconds[f'prior_{name}']:.1f} images/s")
+            metrics[f"prior_{name}"] = score(Maps(sizes, m), gts, f"prior_{name}")
+            fused += m.float()
+        maps = (fused / len(priors)).round().to(torch.uint8)
+        metrics["priors"] = score(Maps(sizes, maps), gts, "priors")
+        seconds["priors"] = time.time() - t0
+        st = {"maps": maps, "metrics": metrics, "seconds": seconds}
+        save_stage(work / "maps_priors.pt", ids, config, maps, metrics, seconds)
+    prior = final = st["maps"]
+    metrics, seconds = dict(st["metrics"]), dict(st["seconds"])
+    for r in range(1, rounds + 1):
+        # later rounds stay anchored to the priors: a young network calls most of its uncertain band object, and
+        # relabelling from its maps alone snowballs (synthetic demo: 30 % → 57 % → 92 % of the pixels "object")
+        target = final if r == 1 else (prior_weight * prior + (1 - prior_weight) * final.float()).round().byte()
+        labels = pseudo_labels(target, fg_thresh, bg_thresh)
+        common.print0(f"[round{r}] learns from the {(labels != common.IGNORE).float().mean():.0%} confident pixels of "
+                      f"the {'priors' if r == 1 else f'round {r - 1} predictions mixed with the priors'}; "
+                      f"{(labels == 1).float().mean():.0%} object")
+        st = network_stage(f"round{r}", images, labels, images, net, seed + r, device, work, resume, ids, config,
+                           sizes, gts)
+        final = st["maps"]
+        metrics[f"round{r}"], seconds[f"round{r}"] = st["metrics"], st["seconds"]
+    return Maps(sizes, prior), Maps(sizes, final), metrics, seconds
+
+
+def mine_supervised(images, sizes, gts, train_images, train_masks, net, seed, device, workers, work, resume, ids,
+                    config):
+    """One saliency network trained on labelled masks (e.g. DUTS-TR), predicting `images`."""
+    S = images.shape[-1]
+    tr = common.list_samples(train_images)
+    masks = match_by_stem(train_masks, [s.id for s in tr], "training mask")
+    tr_images, tr_masks, _ = load_resized([s.image for s in tr], S, workers, masks, desc="train images")
+    st = network_stage("supervised", tr_images, tr_masks, images, net, seed, device, work, resume, ids, config, sizes,
+                       gts)
+    return None, Maps(sizes, st["maps"]), {"supervised": st["metrics"]}, {"supervised": st["seconds"]}
+
+
+def mine_import(sizes, gts, import_maps, ids):
+    """Maps of another tool, one grey file per image (any size)."""
+    maps = Maps(sizes, files=match_by_stem(import_maps, ids, "saliency map"))
+    t = time.time()
+    return None, maps, {"imported": score(maps, gts, "imported")}, {"imported": time.time() - t}
+
+
+# ======================================================================================================================
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    pos, frac = common.positive_int, common.nonnegative_float
     g = p.add_argument_group("data")
     g.add_argument("--data-root", nargs="+", required=True,
                    help="one or more VOC-layout roots or plain image folders: the images to mine masks for")
     common.add_download_arg(g)
-    g.add_argument("--split", default=None, help="VOC split list to use (all JPEGImages when not given)")
-    g.add_argument("--name", default="mined", help="masks go to OUT_ROOT/saliency_<name>/")
-    g.add_argument("--out-root", "--mask-root", dest="out_root", default=None,
-                   help="write saliency_<name>/ here instead of inside each data root (for read-only data); "
-                        "pretrain.py's --mask-root then reads them")
+    g.add_argument("--split", default=None, help="VOC split list to mine (default: every image in JPEGImages, so "
+                   "that every split pretrain.py and kmeans_eval.py may read has its masks)")
+    g.add_argument("--name", default="unsup", help="masks go to MASK_ROOT/saliency_<name>/ (pretrain.py reads "
+                   "saliency_unsup by default)")
+    g.add_argument("--mask-root", default=None, help="write saliency_<name>/ here instead of inside each data root "
+                   "(for read-only data); pass the same --mask-root to pretrain.py and kmeans_eval.py")
     g.add_argument("--out", default="runs/mine_masks", help="work folder: checkpoints, stage maps, grid, summary")
     g.add_argument("--eval-masks", default=None, help="ground-truth masks (matched by file name) to score each stage")
     g = p.add_argument_group("mode (unsupervised when neither is given)")
@@ -514,32 +634,33 @@ def get_args(argv=None):
     g.add_argument("--import-maps", default=None, help="import mode: grey saliency maps (any size) to post-process")
     g = p.add_argument_group("priors")
     g.add_argument("--priors", default="mbd,rbd", help=f"comma list of {', '.join(PRIORS)}; fused by their mean")
-    g.add_argument("--prior-size", type=int, default=224, help="images are resized to this square for the priors; "
+    g.add_argument("--prior-size", type=pos, default=224, help="images are resized to this square for the priors; "
                    "stage maps are kept at this size")
-    g.add_argument("--prior-batch", type=int, default=32, help="images per batch of the priors")
+    g.add_argument("--prior-batch", type=pos, default=32, help="images per batch of the priors")
     g = p.add_argument_group("network")
     g.add_argument("--arch", default="resnet50", choices=list(common.ARCH_CHANNELS), help="saliency network backbone")
-    g.add_argument("--backbone-init", default="random",
-                   help="random, imagenet (torchvision's weights, needs a network) or a ResNet / MoCo state-dict file")
-    g.add_argument("--rounds", type=int, default=2,
+    g.add_argument("--backbone-init", default="random", help="random, imagenet (torchvision's V1, needs a network), "
+                   "imagenet-v2, or a ResNet / MoCo state-dict file")
+    g.add_argument("--rounds", type=common.nonnegative_int, default=2,
                    help="networks trained one after another (1st on the priors, next on the last one's "
                         "predictions); 0 = masks straight from the priors")
-    g.add_argument("--prior-weight", type=float, default=0.5,
+    g.add_argument("--prior-weight", type=frac, default=0.5,
                    help="rounds after the first learn from this mix of priors and the last round's predictions "
                         "(0 = predictions alone, as DeepUSPS)")
-    g.add_argument("--size", type=int, default=224, help="network input size")
-    g.add_argument("--epochs", type=int, default=10, help="epochs per network")
-    g.add_argument("--batch-size", type=int, default=16, help="training and prediction batch")
-    g.add_argument("--lr", type=float, default=1e-3, help="AdamW, poly decay")
-    g.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay")
-    g.add_argument("--fg-thresh", type=float, default=0.7, help="pseudo-label: object above this")
-    g.add_argument("--bg-thresh", type=float, default=0.3, help="pseudo-label: background below this; between: ignored")
+    g.add_argument("--size", type=pos, default=224, help="network input size")
+    g.add_argument("--epochs", type=pos, default=10, help="epochs per network")
+    g.add_argument("--batch-size", type=pos, default=16, help="training and prediction batch")
+    g.add_argument("--lr", type=common.positive_float, default=1e-3, help="AdamW, poly decay")
+    g.add_argument("--wd", type=frac, default=1e-4, help="AdamW weight decay")
+    g.add_argument("--fg-thresh", type=frac, default=0.7, help="pseudo-label: object above this")
+    g.add_argument("--bg-thresh", type=frac, default=0.3, help="pseudo-label: background below this; between: ignored")
     g = p.add_argument_group("post-processing and output")
-    g.add_argument("--threshold", type=float, default=0.5, help="a pixel is object when its map is at least this")
-    g.add_argument("--min-area", type=float, default=0.01,
-                   help="components and whole masks under this share of the image are removed / dropped")
-    g.add_argument("--grid", type=int, default=6, help="images in the picture grid (0 = none)")
-    g.add_argument("--resume", action="store_true", help="reuse finished stages and checkpoints in --out")
+    g.add_argument("--threshold", type=frac, default=0.5, help="a pixel is object when its map is above this")
+    g.add_argument("--min-area", type=frac, default=0.01,
+                   help="contours and whole masks under this share of the image are removed / dropped")
+    g.add_argument("--grid", type=common.nonnegative_int, default=6, help="images in the picture grid (0 = none)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out (finished stages are reused, a "
+                   "network in training continues from its last epoch)")
     common.add_runtime_args(p)
     args = p.parse_args(argv)
     if bool(args.train_images) != bool(args.train_masks):
@@ -557,150 +678,66 @@ def get_args(argv=None):
 
 
 def main(argv=None):
+    # =========================================================================================================== args
     args = get_args(argv)
     common.resolve_download(args)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise common.UserError("mine_masks.py runs as a single process; start it with python, not torchrun")
-    device = common.setup_runtime(args.device).device
-    common.seed_all(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    S = args.prior_size
-    times, stages = {}, []  # stages: (name, uint8 maps at S×S or None, metrics or None)
+    common.single_process("mine_masks.py")
+    device = common.setup_world(args.device).device
+    work, S = Path(args.out), args.prior_size
+    net = NetConfig(args.arch, args.backbone_init, args.size, args.epochs, args.batch_size, args.lr, args.wd,
+                    args.workers, args.amp)
+    # what a stored stage or network depends on (not --rounds: more rounds reuse the earlier ones)
+    config = {"priors": args.priors, "prior_size": S, "net": asdict(net), "fg_thresh": args.fg_thresh,
+              "bg_thresh": args.bg_thresh, "prior_weight": args.prior_weight, "seed": args.seed,
+              "train_images": args.train_images, "train_masks": args.train_masks}
 
-    # ---- data: the images to mine, where each one's mask goes, ground truth for scoring
-    samples, dests = [], []
+    # =========================================================================================================== data
+    samples, dests = [], []  # the images to mine, and the folder each one's mask goes to
     for root in args.data_root:
         for s in common.list_samples(root, args.split):
             samples.append(s)
-            dests.append(common.saliency_dir(root, args.name, args.out_root))
+            dests.append(common.saliency_dir(root, args.name, args.mask_root))
     seen = {}
     for s, d in zip(samples, dests):
         if seen.setdefault((d, s.id), s.image) != s.image:
             raise common.UserError(f"{s.image}: id '{s.id}' also names {seen[(d, s.id)]}, and both masks would go to "
-                                   f"{d}/{s.id}.png; mine them under different --out-root or --name")
+                                   f"{d}/{s.id}.png; mine them under different --mask-root or --name")
     ids = [s.id for s in samples]
     gt_paths = match_by_stem(args.eval_masks, ids, "ground-truth mask") if args.eval_masks else None
+    # outputs are checked before the work: the work folder, and each mask folder (never overwritten silently)
+    common.prepare_out(work, args.resume, ["summary.json", "maps_*.pt", "*.pth"])
+    for d in sorted(set(dests)):
+        common.prepare_out(d, args.resume, ["summary.json"], flag="--name or --mask-root")
     t0 = time.time()
     images, _, sizes = load_resized([s.image for s in samples], S, args.workers, desc="images")
-    times["load"] = time.time() - t0
+    load_s = time.time() - t0
     common.print0(f"{len(ids)} images from {', '.join(args.data_root)}; mode {args.mode}; device {device}")
     gts = None
     if gt_paths:
         gts = []
-        for path, hw in zip(gt_paths, sizes.tolist()):
+        for path, s, hw in zip(gt_paths, samples, sizes.tolist()):
             g = common.read_mask(path)
-            if list(g.shape) != hw:
-                raise common.UserError(f"{path}: ground truth is {tuple(g.shape)}, its image is {tuple(hw)}; "
-                                       "pass the masks that belong to these images")
+            common.check_same_size(g, hw, path, s.image, "ground truth")
             gts.append(g >= 128)
 
-    def score(maps_at, name):
-        """Metrics of a stage against the ground truth at original size (None without --eval-masks)."""
-        if gts is None:
-            return None
-        meter = SaliencyMeter()
-        for i in range(len(ids)):
-            meter.add(maps_at(i), gts[i])
-        r = meter.result()
-        common.print0(f"  {name:<14} MAE {r['mae']:.3f}  max-F {r['max_f']:.3f}  IoU {r['iou']:.3f}")
-        return r
-
-    config = stage_config(args)
-
-    def run_stage(name, compute):
-        """Load a finished stage from --out when resuming, else compute it (returning uint8 maps) and store it."""
-        path = out / f"maps_{name}.pt"
-        if args.resume and path.is_file():
-            try:
-                st = torch.load(path, weights_only=True)
-            except Exception as e:  # torch raises many types for a damaged file
-                raise common.UserError(f"{path}: unreadable stage file ({type(e).__name__}); delete it or drop "
-                                       "--resume") from None
-            if st["ids"] == ids and st.get("config") == config:
-                common.print0(f"[{name}] reused from {path}")
-                times.update(st["times"])
-                stages.append((name, st["maps"], st["metrics"]))
-                for extra in st.get("extra", []):
-                    stages.insert(-1, tuple(extra))
-                return st["maps"]
-            common.print0(f"[{name}] {path} was made for other images or settings: recomputing")
-        t = time.time()
-        before = len(stages)
-        maps = compute()
-        times[name] = time.time() - t
-        metrics = score(lambda i: to_size(maps[i], sizes[i]), name)
-        extra = [(n, None, m) for n, _, m in stages[before:]]
-        stages.append((name, maps, metrics))
-        common.atomic_write(path, lambda p: torch.save({"ids": ids, "config": config, "maps": maps, "metrics": metrics,
-                                                       "extra": extra, "times": {k: v for k, v in times.items()
-                                                                                 if k != "load"}}, p))
-        return maps
-
-    # ---- priors (unsupervised mode): each one scored on its own, then their mean
-    def compute_priors():
-        fused = torch.zeros(len(ids), S, S)
-        for name in args.priors:
-            t = time.time()
-            m = torch.empty(len(ids), S, S, dtype=torch.uint8)
-            for i in tqdm(range(0, len(ids), args.prior_batch), desc=f"prior {name}", leave=False):
-                x = images[i:i + args.prior_batch].to(device).float() / 255
-                m[i:i + len(x)] = (PRIORS[name](x) * 255).round().to(torch.uint8).cpu()
-            times[f"prior_{name}"] = time.time() - t
-            common.print0(f"[prior {name}] {len(ids) / times[f'prior_{name}']:.1f} images/s")
-            stages.append((f"prior_{name}", None, score(lambda i: to_size(m[i], sizes[i]), f"prior_{name}")))
-            fused += m.float()
-        return (fused / len(args.priors)).round().to(torch.uint8)
-
-    # ---- the network stages
-    def net_stage(tag, train_images, train_labels, seed):
-        def compute():
-            model = train_network(train_images, train_labels, args, device, out / f"{tag}.pth", tag, seed)
-            t = time.time()
-            maps = predict(model, images, args, device, S)
-            times[f"{tag}_predict"] = time.time() - t
-            common.print0(f"[{tag}] prediction {len(ids) / times[f'{tag}_predict']:.1f} images/s (flip TTA)")
-            return maps
-        return compute
-
+    # ================================================================================================ the maps, by mode
     if args.mode == "unsupervised":
-        prior = final = run_stage("priors", compute_priors)
-        for r in range(1, args.rounds + 1):
-            # later rounds stay anchored to the priors: a young network calls most of its uncertain band object, and
-            # relabelling from its maps alone snowballs (synthetic demo: 30 % → 57 % → 92 % of pixels "object")
-            target = final if r == 1 else (args.prior_weight * prior + (1 - args.prior_weight) * final.float()).round()
-            labels = pseudo_labels(target.to(torch.uint8), args.fg_thresh, args.bg_thresh)
-            conf = (labels != common.IGNORE).float().mean().item()
-            src = "priors" if r == 1 else f"round {r - 1} predictions" + (
-                f" averaged with the priors (weight {args.prior_weight})" if args.prior_weight else "")
-            common.print0(f"[round{r}] learns from {conf:.0%} confident pixels of the {src}; "
-                          f"{(labels == 1).float().mean().item():.0%} object")
-            final = run_stage(f"round{r}", net_stage(f"round{r}", images, labels, args.seed + r))
-        final_at = lambda i: to_size(final[i], sizes[i])  # noqa: E731
+        prior, final, metrics, seconds = mine_unsupervised(
+            images, sizes, gts, args.priors, args.prior_batch, args.rounds, args.prior_weight, args.fg_thresh,
+            args.bg_thresh, net, args.seed, device, work, args.resume, ids, config)
     elif args.mode == "supervised":
-        prior = None
-        tr = common.list_samples(args.train_images)
-        masks = match_by_stem(args.train_masks, [s.id for s in tr], "training mask")
-        t = time.time()
-        tr_images, tr_masks, _ = load_resized([s.image for s in tr], S, args.workers, masks, desc="train images")
-        times["load_train"] = time.time() - t
-        final = run_stage("supervised", net_stage("supervised", tr_images, tr_masks, args.seed))
-        final_at = lambda i: to_size(final[i], sizes[i])  # noqa: E731
+        prior, final, metrics, seconds = mine_supervised(images, sizes, gts, args.train_images, args.train_masks, net,
+                                                         args.seed, device, args.workers, work, args.resume, ids,
+                                                         config)
     else:
-        maps = match_by_stem(args.import_maps, ids, "saliency map")
-        final_at = lambda i: to_size(read_grey(maps[i]), sizes[i])  # noqa: E731
-        t = time.time()
-        stages.append(("imported", None, score(final_at, "imported")))
-        times["import_score"] = time.time() - t
-        prior = final = None
+        prior, final, metrics, seconds = mine_import(sizes, gts, args.import_maps, ids)
 
-    # ---- post-processing and output, per destination folder
+    # ======================================================================= post-processing, masks at original size
     t = time.time()
-    kept, dropped, shares = {}, {}, []
+    kept, dropped, shares, shown = {}, {}, [], []
     final_meter = SaliencyMeter() if gts is not None else None
-    grid_masks = {}
     for i in tqdm(range(len(ids)), desc="masks", leave=False):
-        mask, share, reason = postprocess(final_at(i).numpy(), args.threshold, args.min_area)
+        mask, share, reason = postprocess(final.at(i).numpy(), args.threshold, args.min_area)
         png = dests[i] / f"{ids[i]}.png"
         if reason:
             dropped[(dests[i], ids[i])] = reason
@@ -713,50 +750,47 @@ def main(argv=None):
         if final_meter is not None:
             final_meter.add(torch.from_numpy(mask).float(), gts[i])
         if i < args.grid:
-            grid_masks[i] = torch.from_numpy(mask)
-    times["postprocess"] = time.time() - t
+            shown.append(torch.from_numpy(mask))
+    seconds["postprocess"] = time.time() - t
+    if not kept:
+        raise common.UserError(f"every one of the {len(ids)} images was dropped (under {args.min_area:.0%} object "
+                               f"after post-processing, e.g. {ids[0]}: {next(iter(dropped.values()))}); no mask was "
+                               "written: check the maps (or --threshold / --min-area)")
     if final_meter is not None:
-        r = final_meter.result()
+        metrics["final_masks"] = final_meter.result()
+        r = metrics["final_masks"]
         common.print0(f"  {'final masks':<14} MAE {r['mae']:.3f}  max-F {r['max_f']:.3f}  IoU {r['iou']:.3f}"
                       "  (dropped images count as empty)")
-        stages.append(("final_masks", None, r))
 
-    # ---- picture grid: image | prior | prediction | mask | ground truth
+    # ========================================================= picture: image | prior | prediction | mask | truth
     if args.grid > 0:
         tiles, ncol = [], 0
-        for i in range(min(args.grid, len(ids))):
-            row = [images[i]]
-            for m in (prior, final if final is not None else None):
-                if m is not None:
-                    row.append(m[i][None].expand(3, -1, -1))
-            if args.mode == "import":
-                row.append((to_size(final_at(i), (S, S)) * 255).round().to(torch.uint8)[None].expand(3, -1, -1))
-            for m in [grid_masks[i]] + ([gts[i]] if gts is not None else []):
-                m = F.interpolate(m[None, None].float(), size=(S, S), mode="nearest")[0]
-                row.append((m * 255).to(torch.uint8).expand(3, -1, -1))
+        for i, mask in enumerate(shown):
+            row = [images[i]] + [(F.interpolate(m.at(i)[None, None], size=(S, S), mode="bilinear")[0] * 255).byte()
+                                 .expand(3, -1, -1) for m in (prior, final) if m is not None]
+            for m in [mask] + ([gts[i]] if gts is not None else []):
+                row.append((F.interpolate(m[None, None].float(), size=(S, S))[0] * 255).byte().expand(3, -1, -1))
             tiles += row
             ncol = len(row)
-        common.save_grid(tiles, out / "grid.png", ncol, size=min(S, 160))
+        common.save_grid(tiles, work / "grid.png", ncol, size=min(S, 160))
 
-    # ---- save: dropped.txt and summary.json in every destination folder, the summary also in --out
+    # =========================================================== save: dropped.txt and summary.json per mask folder
     n = len(ids)
     summary = {
         "mode": args.mode, "images": n, "kept": len(kept), "dropped": len(dropped),
-        "mean_foreground_share": float(np.mean(shares)) if shares else 0.0,
-        "stages": {name: m for name, _, m in stages if m is not None},
-        "seconds": {k: round(v, 2) for k, v in times.items()},
-        "images_per_second": {k: round(n / v, 1) for k, v in times.items()
-                              if (k.startswith("prior_") or k.endswith("_predict")) and v > 0},
+        "mean_foreground_share": float(np.mean(shares)),
+        "stages": {k: m for k, m in metrics.items() if m is not None},
+        "seconds": {"load": round(load_s, 2), **{k: round(v, 2) for k, v in seconds.items()}},
+        "images_per_second": {k: round(n / v, 1) for k, v in seconds.items() if k.startswith("prior_") and v > 0},
         "dropped_why": {i: why for (_, i), why in dropped.items()},
-        "args": {k: v for k, v in vars(args).items()},
-        "device": str(device),
+        "args": vars(args), "device": str(device),
     }
     for d in sorted(set(dests)):
         mine = sorted(i for (dd, i) in dropped if dd == d)
-        common.atomic_write(d / "dropped.txt", lambda p: p.write_text("".join(f"{i}\n" for i in mine)))
+        common.write_text(d / "dropped.txt", "".join(f"{i}\n" for i in mine))
         common.write_json(d / "summary.json", {**summary, "folder_kept": sum(1 for (dd, _) in kept if dd == d),
                                                "folder_dropped": len(mine)})
-    common.write_json(out / "summary.json", summary)
+    common.write_json(work / "summary.json", summary)
     if summary["stages"]:
         common.print_table([(k, f"{m['mae']:.3f}", f"{m['max_f']:.3f}", f"{m['iou']:.3f}")
                             for k, m in summary["stages"].items()], ["stage", "MAE", "max-F", "IoU@0.5"])

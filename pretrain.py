@@ -1,450 +1,588 @@
-r"""MaskContrast pretraining: paper Sec. 3.3, Algorithm 1, Fig. 3, Table 2 (ablations).
+r"""MaskContrast pretraining: paper Sec. 3.3, Algorithm 1 and Fig. 3; the ablations of Table 2b.
 
-Every image has one object: the pixels its saliency mask calls salient. Each salient pixel of a query view is pulled to
-the mean embedding (prototype) of its object in a second augmented view, computed by a momentum key network, and pushed
-away from the prototypes of the other images in the batch and of a FIFO queue of earlier batches. A 1-channel saliency
-head on the same decoder features is trained with a (class-balanced) BCE against the masks.
+Every image has one object: the pixels its saliency mask (mine_masks.py) calls salient. Each salient pixel of a query
+view is pulled to the mean embedding (prototype) of its object in a second augmented view, computed by a momentum key
+network, and pushed from the prototypes of the batch's other images and of a queue of earlier batches. A 1-channel
+saliency head on the same decoder features learns the masks with a class-balanced BCE.
 
-    # the demo (demo.sh): synthetic data, masks from mine_masks.py, resnet18 from scratch, CPU (10 minutes on 2 cores)
-    python pretrain.py --data-root demo_out/data --saliency mined --arch resnet18 --size 64 --batch-size 16 \
-        --queue-size 64 --epochs 60 --lr 0.1 --momentum 0.99 --color-jitter 0.4 0.4 0.4 0.5 --workers 2 \
-        --out demo_out/pretrain
-    # the paper's run on one GPU: VOC train_aug with mined masks, MoCo v2 backbone (ImageNet, 800 epochs)
-    python pretrain.py --data-root VOC --split trainaug --saliency unsup --backbone-init moco_v2_800ep.pth.tar \
-        --out runs/pretrain
-    # the same on 2 GPUs (global batch 64 → 32 per GPU, key-encoder batch shuffle, queue fed by both)
-    torchrun --nproc_per_node 2 pretrain.py --data-root VOC --split trainaug --saliency unsup --out runs/pretrain
-    # speed: images/s, peak memory and the share of time spent waiting for data, on the real pipeline
-    python pretrain.py --data-root VOC --split trainaug --saliency unsup --benchmark 50
+Commands
+  # default: VOC trainaug (train where SBD is absent) with the masks mine_masks.py wrote by default (saliency_unsup)
+  python pretrain.py --data-root VOC
+  # the release's unsupervised-saliency configuration: MoCo v2 backbone (ImageNet, 800 epochs), batch 128, K = 256
+  python pretrain.py --data-root VOC --backbone-init moco_v2_800ep_pretrain.pth.tar --batch-size 128 \
+      --queue-size 256 --epochs 40 --out runs/pretrain_unsup
+  # the release's supervised-saliency configuration: masks of a saliency network trained on DUTS-TR (mine_masks.py
+  # --name sup --train-images ... --train-masks ...), ImageNet classifier V1, stem to layer2 frozen
+  python pretrain.py --data-root VOC --saliency sup --backbone-init imagenet --freeze conv1,bn1,layer1,layer2 \
+      --epochs 40 --out runs/pretrain_sup
+  # two GPUs as the release trained: --batch-size stays global (32 per GPU), keys shuffled across GPUs
+  torchrun --nproc_per_node 2 pretrain.py --data-root VOC --batch-size 64
+  # speed: training steps on the real pipeline → images/s, peak memory, data-wait share, MFU (OUT/benchmark.json);
+  # the data pipeline alone → view pairs/s per loader core and of the colour step on the device
+  python pretrain.py --data-root VOC --benchmark 50
+  python pretrain.py --data-root VOC --benchmark-data 500
+  # the CPU demo on synthetic data: demo.sh
 
-Paper (PASCAL VOC val, ResNet-50, MoCo v2 init): linear classifier 58.4 mIoU (unsupervised saliency) / 63.9
-(supervised saliency); K-Means 35.0 / 44.2. Table 2b ablations: --no-views, --queue-size 0, --no-momentum.
+Outputs in --out: checkpoint.pth (every epoch; the query network f_q is what the later stages load), log.json,
+results.json, views.png (the first batch's view pairs with their masks).
 """
 import argparse
+import contextlib
 import copy
 import json
 import resource
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
-from torchvision import tv_tensors
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import draw_segmentation_masks
 from tqdm import tqdm
 
-from common import (HelpFormatter, SegModel, UserError, add_download_arg, add_runtime_args, all_gather_nograd,
-                    autocast, denormalize, image_size, is_voc_root, list_samples, load_backbone_weights,
-                    load_checkpoint, make_scaler, poly_lr, print0, print_table, read_image, read_mask,
-                    resolve_download, run_main, saliency_dir, save_checkpoint, save_grid, seed_all, setup_runtime,
-                    train_transform, write_json)
+import common
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Algorithm 1
+# ======================================================================================================================
+# Algorithm 1: the loss
+# ======================================================================================================================
 
 def maskcontrast_loss(q, k, s_q, s_k, queue, temperature=0.5, weighting="enet"):
-    """The contrastive loss of Algorithm 1 for one batch.
+    """The contrastive loss of Algorithm 1 for one batch; equal to the release's on its own inputs (tests/golden).
 
     q, k: (N, D, H, W) unit-norm pixel embeddings of the query and key views (k carries no gradient);
-    s_q, s_k: (N, H, W) {0,1} saliency masks of the two views; queue: (D, K) unit-norm prototypes of earlier batches.
-    Returns (loss, p_k): p_k (N, D) are the unit-norm key prototypes, one per image, to be enqueued.
+    s_q, s_k: (N, H, W) bool salient-object masks of the two views; queue: (D, K) unit-norm prototypes of earlier
+    batches. Returns (loss, p_k), p_k (N, D) being the unit-norm key prototypes, one per image, for the queue.
     """
     N, D, H, W = q.shape
-    # prototypes: mean key embedding over each object's salient pixels, then L2-normalised
-    s_k = s_k.reshape(N, H * W).to(k.dtype)                              # s_k: (N, HW)
-    p_k = F.normalize(torch.einsum("ndp,np->nd", k.reshape(N, D, H * W), s_k), dim=1)  # p_k: (N, D)
-    # the salient pixels of the query view, each labelled with its object (= its image's index in the batch)
-    s_q = s_q.reshape(N * H * W).bool()                                  # s_q: (NHW,)
-    q = q.permute(0, 2, 3, 1).reshape(N * H * W, D)[s_q]                 # q: (P, D)
-    obj = torch.arange(N, device=q.device).repeat_interleave(H * W)[s_q]  # obj: (P,)
-    # logits: the batch's prototypes (own object = positive, others = negatives) then the queue (negatives)
-    l_batch = q @ p_k.T                                                  # l_batch: (P, N)
-    l_queue = q @ queue                                                  # l_queue: (P, K)
-    logits = torch.cat([l_batch, l_queue], dim=1) / temperature          # logits: (P, N + K)
-    ce = F.cross_entropy(logits, obj, reduction="none")                  # ce: (P,)
-    if weighting == "none":
-        return ce.mean(), p_k
-    # E-Net weighting (released code): small objects weigh more, w = 1 / ln(1.02 + share of the salient pixels)
-    share = torch.bincount(obj, minlength=N).to(ce.dtype) / obj.numel()  # share: (N,)
-    w = 1.0 / torch.log(1.02 + share[obj])                               # w: (P,)
-    return (w * ce).sum() / w.sum(), p_k
+    # p_k: the prototype of each image's object, its mean key embedding over the salient pixels, L2-normalised
+    p_k = F.normalize(torch.einsum("ndhw,nhw->nd", k, s_k.to(k.dtype)), dim=1)   # p_k: N×D
+    # every query pixel against the batch's prototypes and the queue
+    q = q.permute(0, 2, 3, 1).reshape(N * H * W, D)                              # q: NHW×D
+    l_pos = q @ p_k.T                          # l_pos: NHW×N, column n is the positive of image n's pixels and a
+    l_neg = q @ queue                          # negative of all others; l_neg: NHW×K, only negatives
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature                      # logits: NHW×(N+K)
+    # s_r, the remapped targets: a salient pixel's class is its object, i.e. its image's index in the batch; the
+    # background pixels of the query view take no part (ignored)
+    image = torch.arange(N, device=q.device).view(N, 1, 1)
+    s_r = torch.where(s_q, image, -1).reshape(N * H * W)                         # s_r: NHW
+    if weighting == "none":  # Algorithm 1: the plain mean over the salient pixels
+        return F.cross_entropy(logits, s_r, ignore_index=-1), p_k
+    # the release's E-Net weights: a target weighs 1 / ln(1.02 + its object's share of the batch's salient query
+    # pixels), so small objects count as much as large ones; the queue's columns are never targets
+    share = s_q.sum((1, 2)) / s_q.sum()                                          # share: N
+    w = 1 / torch.log(1.02 + F.pad(share.to(logits.dtype), (0, queue.shape[1])))  # w: N+K
+    return F.cross_entropy(logits, s_r, weight=w, ignore_index=-1), p_k  # = Σ w·ℓ / Σ w over the salient pixels
 
 
-def saliency_loss(logits, target, balanced=True):
-    """BCE on the saliency head; balanced (released code, HED-style): positives weigh the share of negatives."""
-    t = target.to(logits.dtype)
-    bce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+def saliency_loss(aux, s_q, balanced=True):
+    """The BCE of the saliency head's logits `aux` (N, H, W) against the query mask s_q. Balanced (the release,
+    HED-style): positive pixels weigh the batch's share of negatives and negatives the share of positives."""
+    t = s_q.to(aux.dtype)
+    bce = F.binary_cross_entropy_with_logits(aux, t, reduction="none")
     if not balanced:
         return bce.mean()
-    w = 1 - t.mean()  # #neg / #all over the batch
+    w = 1 - t.mean()  # #neg / #all
     return (w * (bce * t).sum() + (1 - w) * (bce * (1 - t)).sum()) / t.numel()
 
 
-class MaskContrast(nn.Module):
-    """Query network, momentum key network and the queue of prototypes (MoCo's builder, with masks)."""
+# ======================================================================================================================
+# Algorithm 1: the query network, the momentum key network and the queue (the shape of MoCo's builder)
+# ======================================================================================================================
 
-    def __init__(self, encoder, queue_size=128, momentum=0.999, temperature=0.5, weighting="enet",
-                 sal_weight=1.0, balanced_bce=True, key_encoder=True, loss_res="input"):
+def in_parts(f, x, parts, **kw):
+    """f applied to each of `parts` equal parts of the batch x on its own, as `parts` GPUs would, each part with its
+    own BatchNorm statistics; the outputs concatenated."""
+    if parts == 1:
+        return f(x, **kw)
+    outs = [f(chunk, **kw) for chunk in x.chunk(parts)]
+    return [torch.cat(o) if o[0] is not None else None for o in zip(*outs)]
+
+
+class MaskContrast(nn.Module):
+    """f_q, f_k and the queue. `parts` > 1 makes one process train as the release's `parts` GPUs did: each part of the
+    batch is encoded with its own BatchNorm statistics and contrasted with its own prototypes (plus the queue, which
+    takes every part's), and the loss is the mean of the parts' losses (DDP averages the GPUs' gradients)."""
+
+    def __init__(self, f_q, queue_size=128, momentum=0.999, temperature=0.5, weighting="enet", balanced_bce=True,
+                 sal_weight=1.0, momentum_encoder=True, loss_res="input", freeze=(), parts=1):
         super().__init__()
-        self.m, self.T, self.weighting, self.sal_weight = momentum, temperature, weighting, sal_weight
-        self.balanced_bce, self.loss_res = balanced_bce, loss_res
-        self.encoder_q = encoder
-        self.encoder_k = copy.deepcopy(encoder).requires_grad_(False) if key_encoder else None
-        self.register_buffer("queue", F.normalize(torch.randn(encoder.dim, queue_size), dim=0))
+        self.m, self.T, self.weighting, self.balanced_bce, self.sal_weight = (momentum, temperature, weighting,
+                                                                               balanced_bce, sal_weight)
+        self.loss_res, self.freeze, self.parts = loss_res, list(freeze), parts
+        self.f_q = f_q
+        # f_k.params = f_q.params; without a momentum encoder (Table 2b) the keys come from f_q, without gradient
+        self.f_k = copy.deepcopy(f_q).requires_grad_(False) if momentum_encoder else None
+        for name in self.freeze:  # the release's supervised-saliency configuration keeps ImageNet's early layers
+            getattr(f_q.backbone, name).requires_grad_(False)
+        self.register_buffer("queue", F.normalize(torch.randn(f_q.head.out_channels, queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def train(self, mode=True):
+        """Frozen layers stay in eval mode, in both networks: their BatchNorm statistics stay ImageNet's."""
+        super().train(mode)
+        for net in (self.f_q, self.f_k):
+            for name in self.freeze if net is not None else ():
+                getattr(net.backbone, name).eval()
+        return self
 
     @torch.no_grad()
     def momentum_update(self):
-        """θ_k ← m·θ_k + (1 − m)·θ_q over parameters (BatchNorm buffers are the key network's own)."""
-        for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
-            pk.mul_(self.m).add_(pq.detach(), alpha=1 - self.m)
+        """f_k.params = m·f_k.params + (1 − m)·f_q.params (BatchNorm statistics are the key network's own)."""
+        for p_q, p_k in zip(self.f_q.parameters(), self.f_k.parameters()):
+            p_k.mul_(self.m).add_(p_q.detach(), alpha=1 - self.m)
+
+    @torch.no_grad()
+    def encode_keys(self, x_k):
+        """k = f_k(x_k) at stride 8. Across GPUs, MoCo's batch shuffle: each GPU encodes a random share of the global
+        batch, so that BatchNorm's batch statistics cannot tell a key from its own query."""
+        f_k = self.f_k if self.f_k is not None else self.f_q
+        if self.parts > 1:  # one process in the place of several GPUs: the shuffle runs across its parts
+            perm = torch.randperm(len(x_k), device=x_k.device)
+            return in_parts(f_k, x_k[perm], self.parts, upsample=False)[0][torch.argsort(perm)]
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return f_k(x_k, upsample=False)[0]
+        world, rank = dist.get_world_size(), dist.get_rank()
+        x = common.all_gather_nograd(x_k)
+        perm = torch.randperm(x.shape[0], device=x.device)
+        dist.broadcast(perm, src=0)
+        k = f_k(x[perm.view(world, -1)[rank]], upsample=False)[0]
+        return common.all_gather_nograd(k)[torch.argsort(perm).view(world, -1)[rank]]
 
     @torch.no_grad()
     def enqueue(self, p_k):
-        """FIFO: the prototypes of every GPU's batch overwrite the oldest columns."""
-        p_k = all_gather_nograd(p_k)
-        K, n = self.queue.shape[1], p_k.shape[0]
+        """enqueue(queue, p_k); dequeue(queue): every GPU's prototypes overwrite the oldest columns (indices computed
+        on the device: no host sync)."""
+        p_k = common.all_gather_nograd(p_k)
+        K = self.queue.shape[1]
         if K == 0:
             return
-        ptr = int(self.queue_ptr)
-        self.queue[:, ptr:ptr + n] = p_k.T.to(self.queue.dtype)
-        self.queue_ptr.fill_((ptr + n) % K)
+        idx = (self.queue_ptr + torch.arange(len(p_k), device=p_k.device)) % K
+        self.queue[:, idx] = p_k.T.to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + len(p_k)) % K)
 
-    @torch.no_grad()
-    def key_forward(self, im_k):
-        """Key embeddings at stride 8 (upsampled by the caller); shuffle-BN across GPUs as in MoCo."""
-        if self.encoder_k is None:  # Table 2b "no momentum encoder": the query network, without gradient
-            return self.encoder_q(im_k, upsample=False)[0]
-        self.momentum_update()
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return self.encoder_k(im_k, upsample=False)[0]
-        world, rank = dist.get_world_size(), dist.get_rank()
-        x = all_gather_nograd(im_k)
-        perm = torch.randperm(x.shape[0], device=x.device)
-        dist.broadcast(perm, src=0)
-        k = self.encoder_k(x[perm.view(world, -1)[rank]], upsample=False)[0]
-        return all_gather_nograd(k)[torch.argsort(perm).view(world, -1)[rank]]
-
-    def forward(self, im_q, s_q, im_k, s_k):
-        emb, sal = self.encoder_q(im_q, upsample=self.loss_res == "input")
-        k = self.key_forward(im_k)
-        if self.loss_res == "input":  # released code: the loss at full input resolution (64× the pixels of stride 8)
-            k = F.interpolate(k, size=im_k.shape[-2:], mode="bilinear", align_corners=False)
-        else:  # masks brought to stride 8: a pixel is salient when most of its 8×8 cell is
-            s_q = F.adaptive_avg_pool2d(s_q[:, None].float(), emb.shape[-2:])[:, 0] > 0.5
+    def forward(self, x_q, s_q, x_k, s_k):
+        """One step of Algorithm 1 up to the loss: returns (loss, its two parts)."""
+        full, P = self.loss_res == "input", self.parts
+        q, aux = in_parts(self.f_q, x_q, P, upsample=full)  # queries: N×D×H×W; aux: the saliency estimate, N×H×W
+        if self.f_k is not None:
+            # Algorithm 1 updates f_k after the SGD step; MoCo and the release do it here, before the keys. f_k is the
+            # same at every key forward either way (the first update here changes nothing: f_k = f_q).
+            self.momentum_update()
+        k = self.encode_keys(x_k)  # keys: N×D×H/8×W/8, no gradient
+        if full:  # the release: the loss on every input pixel (64× the pixels of the stride-8 map)
+            k = F.interpolate(k, size=x_k.shape[-2:], mode="bilinear", align_corners=False)
+        else:  # masks brought to stride 8: a cell is salient when most of its pixels are
+            s_q = F.adaptive_avg_pool2d(s_q[:, None].float(), q.shape[-2:])[:, 0] > 0.5
             s_k = F.adaptive_avg_pool2d(s_k[:, None].float(), k.shape[-2:])[:, 0] > 0.5
-        with torch.autocast(im_q.device.type, enabled=False):  # the loss in fp32
-            q, k = F.normalize(emb.float(), dim=1), F.normalize(k.float(), dim=1)
-            loss_c, p_k = maskcontrast_loss(q, k, s_q, s_k, self.queue.clone(), self.T, self.weighting)
-            loss_s = saliency_loss(sal.float(), s_q, self.balanced_bce)
+        with torch.autocast(x_q.device.type, enabled=False):  # the loss in fp32
+            q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+            queue = self.queue.clone()
+            losses = [maskcontrast_loss(*part, queue, self.T, self.weighting)  # (one part unless --batch-parts)
+                      for part in zip(q.chunk(P), k.chunk(P), s_q.chunk(P), s_k.chunk(P))]
+            loss_c, p_k = torch.stack([loss for loss, _ in losses]).mean(), torch.cat([p for _, p in losses])
+            loss_s = torch.stack([saliency_loss(a, s, self.balanced_bce)
+                                  for a, s in zip(aux.float().chunk(P), s_q.chunk(P))]).mean()
         self.enqueue(p_k)
         return loss_c + self.sal_weight * loss_s, {"contrast": loss_c.detach(), "saliency": loss_s.detach()}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ======================================================================================================================
 # Data: two augmented views that both hold part of the object
+# ======================================================================================================================
 
 def pretrain_samples(roots, split, saliency, mask_root=None, missing="error"):
-    """Images with a usable mask. Missing masks are an error unless mine_masks.py listed the image as dropped (or
-    --missing-masks skip); empty masks are skipped; a mask of another size than its image is an error."""
+    """The images with a usable mask. A listed image that does not exist is an error; a missing mask is one unless
+    mine_masks.py listed the image as dropped (or missing='skip'); an empty mask is skipped; a mask of another size
+    than its image is an error."""
     out, n_empty, n_missing = [], 0, 0
     for root in roots:
-        samples = list_samples(root, split if is_voc_root(root) else None, saliency=saliency, mask_root=mask_root)
-        d = saliency_dir(root, saliency, mask_root)
+        this_split = common.train_split(root, split) if common.is_voc_root(root) else None
+        samples = common.list_samples(root, this_split, saliency=saliency, mask_root=mask_root)
+        d = common.saliency_dir(root, saliency, mask_root)
         if not d.is_dir():
-            raise UserError(f"{d}: no saliency masks; run `python mine_masks.py --data-root {root} --name {saliency}`"
-                            " first (or pass --saliency/--mask-root where they are)")
+            raise common.UserError(f"{d}: no saliency masks; run `python mine_masks.py --data-root {root}` first "
+                                   "(or pass --saliency / --mask-root where they are)")
         dropped = set((d / "dropped.txt").read_text().split()) if (d / "dropped.txt").is_file() else set()
         for s in tqdm(samples, desc=f"checking masks in {d}", leave=False, disable=len(samples) < 500):
+            if not s.image.is_file():
+                raise common.UserError(f"{s.image}: image not found (listed in split '{this_split}' of {root})")
             if not s.saliency.exists():
                 if s.id in dropped or missing == "skip":
                     n_missing += 1
                     continue
-                raise UserError(f"{s.image}: no saliency mask at {s.saliency}; mine masks for it with mine_masks.py, "
-                                "or pass --missing-masks skip to train on the images that have one")
-            m = read_mask(s.saliency)
-            if tuple(m.shape) != image_size(s.image):
-                raise UserError(f"{s.saliency}: mask is {tuple(m.shape)} but image {s.image} is "
-                                f"{image_size(s.image)}; masks must be at the image's original size")
+                raise common.UserError(f"{s.image}: no saliency mask at {s.saliency}; mine masks for it with "
+                                       "mine_masks.py, or pass --missing-masks skip to train on the images that have "
+                                       "one")
+            m = common.read_mask(s.saliency)
+            common.check_same_size(m, common.image_size(s.image), s.saliency, s.image, "mask")
             if (m > 127).any():
                 out.append(s)
             else:
                 n_empty += 1
-    print0(f"pretraining set: {len(out)} images ({n_empty} with an empty mask and {n_missing} without a mask skipped)")
+    common.print0(f"pretraining set: {len(out)} images ({n_empty} with an empty mask and {n_missing} without a mask "
+                  "skipped)")
     if not out:
-        raise UserError(f"no image with a non-empty saliency mask under {', '.join(map(str, roots))}")
+        raise common.UserError(f"no image with a non-empty saliency mask under {', '.join(map(str, roots))}")
     return out
 
 
 class ViewPairs(Dataset):
-    """(query view, its mask, key view, its mask). Both views must show a salient fraction strictly between min_area
-    and max_area: a few draws per image, then a random other image, and after `max_images` images an error."""
+    """Algorithm 1's x_q, s_q = aug(x, s); x_k, s_k = aug(x, s), the part a DataLoader worker does: two random views
+    (crop, flip) of an image and its mask, as uint8, each with a salient share strictly between min_area and max_area,
+    and each with its colour-jitter parameters (applied batched on the device: common.apply_color_params). An image
+    that yields no such pair in `tries` draws is swapped for a random other one, and after `max_images` images it is
+    an error (the release retries forever). Items are (index, seed) pairs from common.SeededSampler."""
 
-    def __init__(self, samples, size, min_area=0.01, max_area=0.99, tries=3, max_images=20, same_view=False,
-                 jitter=(0.4, 0.4, 0.4, 0.1)):
-        self.samples, self.t = samples, train_transform(size, jitter=jitter)
-        self.min_area, self.max_area, self.tries, self.max_images = min_area, max_area, tries, max_images
-        self.same_view = same_view
+    def __init__(self, samples, size, min_area=0.01, max_area=0.99, jitter=(0.4, 0.4, 0.4, 0.1), same_view=False,
+                 tries=3, max_images=20):
+        self.samples, self.size, self.min_area, self.max_area = samples, size, min_area, max_area
+        self.jitter, self.same_view, self.tries, self.max_images = jitter, same_view, tries, max_images
 
     def __len__(self):
         return len(self.samples)
 
-    def _ok(self, mask):
+    def ok(self, mask):
         return self.min_area < mask.float().mean().item() < self.max_area
 
-    def __getitem__(self, i):
-        for _ in range(self.max_images):
-            s = self.samples[i]
-            img, mask = tv_tensors.Image(read_image(s.image)), tv_tensors.Mask((read_mask(s.saliency) > 127).byte())
-            for _ in range(self.tries):
-                xq, mq = self.t(img, mask)
-                xk, mk = (xq, mq) if self.same_view else self.t(img, mask)
-                if self._ok(mq) and self._ok(mk):
-                    return xq, mq.bool(), xk, mk.bool()
-            i = int(torch.randint(len(self.samples), ()))
-        raise UserError(f"no view pair with a salient share in ({self.min_area}, {self.max_area}) after "
-                        f"{self.max_images} images; are the masks nearly empty or full? (--min-area/--max-area)")
+    def __getitem__(self, item):
+        i, seed = item
+        rng = np.random.default_rng(seed)
+        with common.seeded(seed):
+            for _ in range(self.max_images):
+                s = self.samples[i]
+                x = common.read_image(s.image)                       # x: 3×H×W uint8
+                s_mask = (common.read_mask(s.saliency) > 127).byte()  # s: H×W {0, 1}
+                for _ in range(self.tries):
+                    view_q = common.draw_view(x.shape[1:])
+                    view_k = view_q if self.same_view else common.draw_view(x.shape[1:])
+                    s_q = common.crop_view(s_mask, view_q, self.size)
+                    s_k = common.crop_view(s_mask, view_k, self.size)
+                    if self.ok(s_q) and self.ok(s_k):
+                        c_q = common.draw_color_params(rng, self.jitter)
+                        c_k = c_q if self.same_view else common.draw_color_params(rng, self.jitter)
+                        return (common.crop_view(x, view_q, self.size), s_q.bool(), c_q,
+                                common.crop_view(x, view_k, self.size), s_k.bool(), c_k)
+                i = int(rng.integers(len(self.samples)))
+        raise common.UserError(f"no view pair with a salient share in ({self.min_area}, {self.max_area}) after "
+                               f"{self.max_images} images; are the masks nearly empty or full? (--min-area/--max-area)")
 
 
-def save_views_grid(batch, path, n=8):
+def to_device_views(batch, device, channels_last):
+    """The loader's batch → normalised views on the device, colour-augmented there (the other half of aug)."""
+    x_q, s_q, c_q, x_k, s_k, c_k = (t.to(device, non_blocking=True) for t in batch)
+    x_q = common.normalize(common.apply_color_params(x_q.float() / 255, c_q))  # x_q: N×3×H×W
+    x_k = common.normalize(common.apply_color_params(x_k.float() / 255, c_k))
+    if channels_last:
+        x_q, x_k = (x.contiguous(memory_format=torch.channels_last) for x in (x_q, x_k))
+    return x_q, s_q, x_k, s_k
+
+
+def save_views_grid(x_q, s_q, x_k, s_k, path, n=8):
     """Query and key views with their masks drawn on: what the network is asked to match."""
-    xq, mq, xk, mk = (t[:n] for t in batch)
     tiles = []
-    for a, b, c, d in zip(xq, mq, xk, mk):
-        tiles += [draw_segmentation_masks(denormalize(a), b, alpha=0.45, colors="red"),
-                  draw_segmentation_masks(denormalize(c), d, alpha=0.45, colors="red")]
-    save_grid(tiles, path, ncol=8)
+    for a, b, c, d in zip(x_q[:n].cpu(), s_q[:n].cpu(), x_k[:n].cpu(), s_k[:n].cpu()):
+        tiles += [draw_segmentation_masks(common.denormalize(a), b, alpha=0.45, colors="red"),
+                  draw_segmentation_masks(common.denormalize(c), d, alpha=0.45, colors="red")]
+    common.save_grid(tiles, path, ncol=8)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ======================================================================================================================
+# Benchmark: training steps on the real pipeline
+# ======================================================================================================================
+
+def step_flops(model, batch, step, compiled):
+    """FLOPs of one training step (query forward and backward, key forward), counted by torch's FlopCounterMode in
+    eager mode; None for a compiled model on a torch that cannot run it eagerly (< 2.6)."""
+    if compiled and not hasattr(torch.compiler, "set_stance"):
+        step(model(*batch)[0])
+        return None
+    eager = torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
+    with eager, FlopCounterMode(display=False) as counter:
+        step(model(*batch)[0])
+    return counter.get_total_flops()
+
+
+def endless(loader, sampler):
+    """The loader's batches, epoch after epoch."""
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def benchmark(model, loader, sampler, step, world, steps, channels_last, amp, compiled, peak_tflops, warmup=5):
+    """Time `steps` training steps after `warmup`: images/s, peak memory, the share of the time spent waiting for the
+    loader (each step synchronised, so that waiting is measured against finished GPU work) and the MFU."""
+    device, cuda = world.device, world.device.type == "cuda"
+    batches = endless(loader, sampler)
+    model.train()
+    flops = None
+    wait = 0.0
+    for i in tqdm(range(warmup + steps), desc="benchmark", disable=not world.is_main):
+        if i == warmup:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            wait, start = 0.0, time.perf_counter()
+        t = time.perf_counter()
+        batch = to_device_views(next(batches), device, channels_last)
+        wait += time.perf_counter() - t
+        with common.autocast(device, amp):
+            if i == 0:
+                flops = step_flops(model, batch, step, compiled)
+            else:
+                step(model(*batch)[0])
+        if cuda:
+            torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    images = steps * len(batch[0]) * world.size
+    res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "steps": steps, "images_per_s": images / total,
+           "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else
+                               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20),
+           "data_wait_share": wait / total, "gflop_per_image": flops / len(batch[0]) / 1e9 if flops else None}
+    if flops:
+        res["tflop_per_s"] = res["gflop_per_image"] * res["images_per_s"] / 1e3
+        res["mfu"] = res["tflop_per_s"] / peak_tflops if peak_tflops else None
+    common.print_table([[res["device"], res["images_per_s"], res["peak_memory_gib"], 100 * res["data_wait_share"],
+                         res.get("tflop_per_s") or "-", 100 * res["mfu"] if res.get("mfu") else "-"]],
+                       ["device", "images/s", "peak GiB" + (" (GPU)" if cuda else " (RSS)"), "data wait %",
+                        "TFLOP/s", "MFU %"])
+    return res
+
+
+def benchmark_data(dataset, n, batch_size, device):
+    """The data pipeline alone: `n` view pairs drawn in this process on one thread (a loader worker's share: decode,
+    crop, flip, area check, colour parameters), then the batched colour augmentation of `batch_size` pairs on the
+    device. Returns view pairs/s for each."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    items = [dataset[(i % len(dataset), i)] for i in tqdm(range(n), desc="view pairs", leave=False)]
+    per_core = n / (time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    batch = [torch.stack(t) for t in zip(*(items * (batch_size // len(items) + 1))[:batch_size])]
+    for i in range(6):  # one warm-up, then five timed
+        if i == 1:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        to_device_views(batch, device, channels_last=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    res = {"view_pairs_per_s_per_core": per_core,
+           "device_color_pairs_per_s": 5 * batch_size / (time.perf_counter() - start), "device": str(device)}
+    common.print_table([[res["view_pairs_per_s_per_core"], res["device_color_pairs_per_s"], res["device"]]],
+                       ["loader: view pairs/s per core", "colour on the device: pairs/s", "device"])
+    return res
+
+
+# ======================================================================================================================
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    pos, nonneg, frac = common.positive_int, common.nonnegative_int, common.nonnegative_float
     g = p.add_argument_group("data")
     g.add_argument("--data-root", nargs="+", required=True,
                    help="VOC-layout roots and/or plain image folders, combined")
-    add_download_arg(g)
-    g.add_argument("--split", default="train", help="split list of the VOC-layout roots (ImageSets/Segmentation)")
-    g.add_argument("--saliency", default="unsup", help="masks are read from ROOT/saliency_<name>/<id>.png")
+    common.add_download_arg(g)
+    g.add_argument("--train-split", default=None, help="split list of the VOC-layout roots (default trainaug, or "
+                   "train where a root has no trainaug)")
+    g.add_argument("--saliency", default="unsup", help="masks are read from ROOT/saliency_<name>/<id>.png "
+                   "(mine_masks.py writes saliency_unsup by default)")
     g.add_argument("--mask-root", default=None, help="read masks from MASK_ROOT/saliency_<name>/ instead of ROOT")
     g.add_argument("--missing-masks", default="error", choices=["error", "skip"],
                    help="an image without a mask (not listed as dropped by mine_masks.py)")
-    g.add_argument("--size", type=int, default=224, help="crop size of each view")
-    g.add_argument("--min-area", type=float, default=0.01, help="salient share of a view must exceed this "
+    g.add_argument("--size", type=pos, default=224, help="crop size of each view")
+    g.add_argument("--min-area", type=frac, default=0.01, help="salient share of a view must exceed this "
                    "(released code 0.01; the paper's text says 0.1)")
-    g.add_argument("--max-area", type=float, default=0.99, help="... and stay below this")
-    g.add_argument("--color-jitter", type=float, nargs=4, default=[0.4, 0.4, 0.4, 0.1], metavar=("B", "C", "S", "H"),
+    g.add_argument("--max-area", type=frac, default=0.99, help="... and stay below this")
+    g.add_argument("--color-jitter", type=frac, nargs=4, default=[0.4, 0.4, 0.4, 0.1], metavar=("B", "C", "S", "H"),
                    help="ColorJitter brightness, contrast, saturation, hue (applied with p=0.8)")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet50", help="resnet50 (paper) | resnet18 | resnet34 | resnet101")
-    g.add_argument("--backbone-init", default="random",
-                   help="random | imagenet (torchvision, needs a network) | PATH (torchvision or MoCo v2 state dict)")
-    g.add_argument("--dim", type=int, default=32, help="embedding dimension D")
+    g.add_argument("--arch", default="resnet50", choices=list(common.ARCH_CHANNELS))
+    g.add_argument("--backbone-init", default="random", help="random | imagenet (torchvision's V1, as released; "
+                   "needs a network) | imagenet-v2 | PATH (torchvision or MoCo v2 state dict)")
+    g.add_argument("--freeze", default="", help="backbone modules kept frozen (no gradient, eval mode), e.g. "
+                   "conv1,bn1,layer1,layer2 as the release's supervised-saliency configuration")
+    g.add_argument("--dim", type=pos, default=32, help="embedding dimension D")
     g = p.add_argument_group("MaskContrast")
-    g.add_argument("--queue-size", type=int, default=128, help="K prototypes in the memory bank (0 = none, Table 2b)")
-    g.add_argument("--momentum", type=float, default=0.999, help="key network momentum m")
-    g.add_argument("--temperature", type=float, default=0.5, help="τ")
+    g.add_argument("--queue-size", type=nonneg, default=128, help="K prototypes in the queue (0 = none, Table 2b)")
+    g.add_argument("--momentum", type=frac, default=0.999, help="key network momentum m")
+    g.add_argument("--temperature", type=common.positive_float, default=0.5, help="τ")
     g.add_argument("--weighting", default="enet", choices=["enet", "none"],
-                   help="enet: released code's per-object weights 1/ln(1.02+p); none: Algorithm 1's plain mean")
-    g.add_argument("--sal-weight", type=float, default=1.0, help="weight of the saliency loss")
+                   help="enet: the release's per-object weights 1/ln(1.02+p); none: Algorithm 1's plain mean")
+    g.add_argument("--sal-weight", type=frac, default=1.0, help="weight of the saliency loss")
     g.add_argument("--plain-bce", action="store_true", help="plain BCE instead of the released class-balanced BCE")
     g.add_argument("--loss-res", default="input", choices=["input", "feature"],
                    help="loss on every input pixel (released code) or at the stride-8 feature map (64× cheaper)")
     g.add_argument("--no-views", action="store_true", help="Table 2b: key view = query view")
     g.add_argument("--no-momentum", action="store_true", help="Table 2b: keys from the query network (no grad)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=60, help="paper 60; released configs 40")
-    g.add_argument("--batch-size", type=int, default=64, help="global batch (divided among GPUs)")
-    g.add_argument("--lr", type=float, default=0.004)
-    g.add_argument("--wd", type=float, default=1e-4)
+    g.add_argument("--epochs", type=pos, default=60, help="paper 60; released configs 40")
+    g.add_argument("--batch-size", type=pos, default=64, help="global batch (divided among GPUs)")
+    g.add_argument("--batch-parts", type=pos, default=1, help="on one GPU, train as this many GPUs would: each part "
+                   "of the batch with its own BatchNorm statistics and in-batch prototypes (the release: 2 GPUs)")
+    g.add_argument("--lr", type=common.positive_float, default=0.004)
+    g.add_argument("--sgd-momentum", type=frac, default=0.9)
+    g.add_argument("--wd", type=frac, default=1e-4)
     g = p.add_argument_group("output")
-    g.add_argument("--out", default="runs/pretrain", help="checkpoint.pth, log.jsonl, results.json, views.png")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
-    g.add_argument("--benchmark", type=int, default=0, metavar="N",
-                   help="time N training steps after warm-up (images/s, memory, data wait) and exit")
-    g.add_argument("--compile", action="store_true", help="torch.compile the networks")
-    add_runtime_args(p)
-    return p.parse_args(argv)
+    g.add_argument("--out", default="runs/pretrain", help="checkpoint.pth, log.json, results.json, views.png")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out (exactly: same weights as an "
+                   "uninterrupted run)")
+    g.add_argument("--benchmark", type=nonneg, default=0, metavar="N", help="time N training steps after warm-up "
+                   "(images/s, memory, data wait, MFU), write OUT/benchmark.json and exit")
+    g.add_argument("--benchmark-data", type=nonneg, default=0, metavar="N", help="time the data pipeline alone on N "
+                   "view pairs (per core, and the colour step on the device), write OUT/benchmark_data.json and exit")
+    g.add_argument("--peak-tflops", type=frac, default=790.0, help="the GPU's bf16 matmul peak for the benchmark's "
+                   "MFU (790: what an 8192³ bf16 matmul reached on an H200)")
+    g.add_argument("--compile", action="store_true", help="torch.compile both networks")
+    common.add_runtime_args(p)
+    args = p.parse_args(argv)
+    if args.color_jitter[3] > 0.5:
+        p.error("--color-jitter: the hue jitter H must lie in [0, 0.5], as torchvision's")
+    args.freeze = [s.strip() for s in args.freeze.split(",") if s.strip()]
+    bad = [s for s in args.freeze if s not in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")]
+    if bad:
+        p.error(f"--freeze: unknown module {bad[0]} (choose from conv1, bn1, layer1, layer2, layer3, layer4)")
+    return args
 
 
 def main(argv=None):
+    # ================================================================================================== args, runtime
     args = get_args(argv)
-    resolve_download(args)
-    rt = setup_runtime(args.device)
-    out = Path(args.out)
-    if args.batch_size % rt.world:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {rt.world} processes")
+    common.resolve_download(args)
+    world = common.setup_world(args.device)
+    device, out = world.device, Path(args.out)
+    local_batch = args.batch_size // world.size
+    if args.batch_size % (world.size * args.batch_parts) or local_batch // args.batch_parts < 2:
+        raise common.UserError(f"--batch-size {args.batch_size}: must divide among the {world.size} processes and "
+                               f"{args.batch_parts} --batch-parts with at least 2 images each (BatchNorm needs two)")
+    if args.batch_parts > 1 and world.size > 1:
+        raise common.UserError("--batch-parts stands in for GPUs on one process; under torchrun each GPU is a part")
     if args.queue_size % args.batch_size:
-        raise UserError(f"--queue-size {args.queue_size} must be a multiple of the global batch {args.batch_size}")
-    seed_all(args.seed)
+        raise common.UserError(f"--queue-size {args.queue_size} must be a multiple of the global batch "
+                               f"{args.batch_size}")
+    resuming = False
+    if not (args.benchmark or args.benchmark_data):
+        resuming = common.prepare_out(out, args.resume, ["checkpoint.pth"], is_main=world.is_main)
 
-    # data
-    samples = pretrain_samples(args.data_root, args.split, args.saliency, args.mask_root, args.missing_masks)
+    # ========================================================================================================== data
+    samples = pretrain_samples(args.data_root, args.train_split, args.saliency, args.mask_root, args.missing_masks)
     if len(samples) < args.batch_size:
-        raise UserError(f"{len(samples)} images is fewer than one batch (--batch-size {args.batch_size})")
-    dataset = ViewPairs(samples, args.size, args.min_area, args.max_area, same_view=args.no_views,
-                        jitter=args.color_jitter)
-    gen = torch.Generator()
-    sampler = DistributedSampler(dataset, seed=args.seed, drop_last=True) if rt.world > 1 else None
-    loader = DataLoader(dataset, batch_size=args.batch_size // rt.world, shuffle=sampler is None, sampler=sampler,
-                        num_workers=args.workers, pin_memory=rt.device.type == "cuda", drop_last=True,
-                        generator=gen, persistent_workers=False)
+        raise common.UserError(f"{len(samples)} images is fewer than one batch (--batch-size {args.batch_size})")
+    dataset = ViewPairs(samples, args.size, args.min_area, args.max_area, args.color_jitter, same_view=args.no_views)
+    if args.benchmark_data:
+        res = benchmark_data(dataset, args.benchmark_data, local_batch, device)
+        common.write_json(out / "benchmark_data.json", {**res, "args": vars(args)})
+        return res
+    sampler = common.SeededSampler(len(dataset), args.seed, world.rank, world.size)
+    # the loader's own generator: creating its workers must not draw from the global RNG (dropout's), or a run with
+    # persistent workers would differ from one without
+    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, drop_last=True, num_workers=args.workers,
+                        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+                        generator=torch.Generator())
 
-    # model
-    encoder = SegModel(args.arch, args.dim, saliency_head=True)
-    print0(load_backbone_weights(encoder.backbone, args.backbone_init, args.arch))
-    model = MaskContrast(encoder, args.queue_size, args.momentum, args.temperature, args.weighting, args.sal_weight,
-                         not args.plain_bce, key_encoder=not args.no_momentum, loss_res=args.loss_res).to(rt.device)
-    if rt.device.type == "cuda":
+    # ====================================================================================================== networks
+    common.seed_all(args.seed)  # the same initial weights on every process
+    f_q = common.SegModel(args.arch, args.dim, saliency_head=True)
+    common.print0(common.load_backbone_weights(f_q.backbone, args.backbone_init, args.arch))
+    model = MaskContrast(f_q, args.queue_size, args.momentum, args.temperature, args.weighting, not args.plain_bce,
+                         args.sal_weight, momentum_encoder=not args.no_momentum, loss_res=args.loss_res,
+                         freeze=args.freeze, parts=args.batch_parts).to(device)
+    channels_last = device.type == "cuda"  # faster convolutions with cuDNN
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
-        model.encoder_q.compile()
-        if model.encoder_k is not None:
-            model.encoder_k.compile()
-    core = model  # unwrapped, for checkpoints
-    if rt.world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.index is not None
-                                                    else None)
+        for net in (model.f_q, model.f_k):
+            if net is not None:
+                net.compile()
+    ddp_model = model if world.size == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # optimizer
-    opt = torch.optim.SGD(core.encoder_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
-    scaler = make_scaler(rt.device, args.amp)
-
-    # resume
-    start_epoch, step, history = 0, 0, []
-    if args.resume and (out / "checkpoint.pth").exists():
-        ck = load_checkpoint(out / "checkpoint.pth", kind="pretrain")
-        for key in ("arch", "dim", "queue_size", "no_momentum"):
-            if ck["args"].get(key) != vars(args)[key]:
-                raise UserError(f"{out / 'checkpoint.pth'}: was trained with --{key.replace('_', '-')} "
-                                f"{ck['args'].get(key)}, not {vars(args)[key]}; use another --out or the same flags")
-        core.encoder_q.load_state_dict(ck["model"])
-        if core.encoder_k is not None:
-            core.encoder_k.load_state_dict(ck["key_model"])
-        core.queue.copy_(ck["queue"])
-        core.queue_ptr.copy_(ck["queue_ptr"])
-        opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        start_epoch, step, history = ck["epoch"], ck["step"], ck["history"]
-        print0(f"resumed from {out / 'checkpoint.pth'} at epoch {start_epoch}")
-
-    def batches(epoch):
-        """Each epoch's order and augmentations depend only on (seed, epoch, rank): resume continues exactly."""
-        torch.manual_seed(args.seed + 1000 * epoch + rt.rank)
-        gen.manual_seed(args.seed + 1000 * epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        for b in loader:
-            yield [t.to(rt.device, non_blocking=True) for t in b]
-
+    # ===================================================================================================== optimizer
+    trainable = [p for p in model.f_q.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=args.sgd_momentum, weight_decay=args.wd)
+    step = common.TrainStep(optimizer, [model], device, args.amp,
+                            advice=f"a learning rate too high for this batch (--lr {args.lr:g})")
     if args.benchmark:
-        return benchmark(model, opt, scaler, batches, args, rt)
+        res = benchmark(ddp_model, loader, sampler, step, world, args.benchmark, channels_last, args.amp, args.compile,
+                        args.peak_tflops)
+        if world.is_main:
+            common.write_json(out / "benchmark.json", {**res, "args": vars(args)})
+        return res
 
-    # loop
-    if rt.main:
-        out.mkdir(parents=True, exist_ok=True)
+    # ======================================================================================================== resume
+    start_epoch, history = 0, []
+    ck_path = out / "checkpoint.pth"
+    if resuming:
+        ck = common.load_checkpoint(ck_path, kind="pretrain")
+        for key in ("arch", "dim", "queue_size", "no_momentum", "batch_size", "batch_parts", "seed", "freeze"):
+            if ck["args"].get(key) != vars(args)[key]:
+                raise common.UserError(f"{ck_path}: was trained with --{key.replace('_', '-')} {ck['args'].get(key)}, "
+                                       f"not {vars(args)[key]}; pass the same flags or another --out")
+        model.f_q.load_state_dict(ck["model"])
+        if model.f_k is not None:
+            model.f_k.load_state_dict(ck["key_model"])
+        model.queue.copy_(ck["queue"])
+        model.queue_ptr.copy_(ck["queue_ptr"])
+        optimizer.load_state_dict(ck["optimizer"])
+        step.load_state_dict(ck["train_step"])
+        start_epoch, history, step.checkpoint = ck["epoch"], ck["history"], ck_path
+        common.print0(f"resumed {ck_path} at epoch {start_epoch}/{args.epochs}")
+
+    # ====================================================================================================== training
     for epoch in range(start_epoch, args.epochs):
-        lr = poly_lr(args.lr, epoch, args.epochs)  # per epoch, as the released code
-        for g in opt.param_groups:
+        lr = common.poly_lr(args.lr, epoch, args.epochs)  # poly, set once per epoch as the release does
+        for g in optimizer.param_groups:
             g["lr"] = lr
+        sampler.set_epoch(epoch)
+        common.seed_all(args.seed, epoch, world.rank)  # dropout and the key shuffle: a function of (seed, epoch)
         model.train()
-        sums, n, t0 = torch.zeros(3, device=rt.device), 0, time.time()
-        bar = tqdm(batches(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not rt.main,
-                   leave=False)
-        for it, (xq, sq, xk, sk) in enumerate(bar):
-            if epoch == start_epoch and it == 0 and rt.main:
-                save_views_grid([t.cpu() for t in (xq, sq, xk, sk)], out / "views.png")
-            if rt.device.type == "cuda":
-                xq, xk = (x.contiguous(memory_format=torch.channels_last) for x in (xq, xk))
-            with autocast(rt.device, args.amp):
-                loss, parts = model(xq, sq, xk, sk)
-            if not torch.isfinite(loss):
-                raise UserError(f"loss is {loss.item()} at epoch {epoch + 1}, step {it}; lower --lr, try --amp none,"
-                                f" or resume from the last good checkpoint ({out / 'checkpoint.pth'})")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            step += 1
-            sums += torch.stack([loss.detach(), parts["contrast"], parts["saliency"]])
-            n += 1
-            if it % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        if rt.world > 1:
+        sums, t0 = torch.zeros(3, device=device), time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not world.is_main, leave=False)
+        for it, batch in enumerate(bar):
+            x_q, s_q, x_k, s_k = to_device_views(batch, device, channels_last)
+            if it == 0 and epoch == start_epoch and world.is_main:
+                save_views_grid(x_q, s_q, x_k, s_k, out / "views.png")
+            with common.autocast(device, args.amp):
+                loss, parts = ddp_model(x_q, s_q, x_k, s_k)
+            loss = step(loss)  # loss.backward(); SGD update of f_q
+            sums += torch.stack([loss, parts["contrast"], parts["saliency"]])
+            if it % 50 == 0:  # a host sync, so only now and then
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+        step.check(f"epoch {epoch + 1}")  # before the checkpoint: a saved state is always a good one
+        if world.size > 1:
             dist.all_reduce(sums)
-            sums /= rt.world
-        loss, contrast, sal = (sums / max(n, 1)).tolist()
-        rec = {"epoch": epoch + 1, "step": step, "lr": lr, "loss": loss, "contrast": contrast, "saliency": sal,
-               "images_per_s": n * args.batch_size / (time.time() - t0)}
-        history.append(rec)
-        if rt.main:
-            print0(json.dumps(rec))
-            save_checkpoint(out / "checkpoint.pth", kind="pretrain", model=core.encoder_q.state_dict(),
-                            key_model=core.encoder_k.state_dict() if core.encoder_k is not None else None,
-                            queue=core.queue, queue_ptr=core.queue_ptr, optimizer=opt.state_dict(),
-                            scaler=scaler.state_dict(), epoch=epoch + 1, step=step, history=history,
-                            args=vars(args), saliency_head=True)
-            write_json(out / "log.json", history)
+            sums /= world.size
+        loss, contrast, sal = (sums / len(loader)).tolist()
+        history.append({"epoch": epoch + 1, "step": (epoch + 1) * len(loader), "lr": lr, "loss": loss,
+                        "contrast": contrast, "saliency": sal,
+                        "images_per_s": len(loader) * args.batch_size / (time.time() - t0)})
+        if world.is_main:
+            print(json.dumps(history[-1]), flush=True)
+            common.save_checkpoint(ck_path, "pretrain", model=model.f_q.state_dict(),
+                                   key_model=model.f_k.state_dict() if model.f_k is not None else None,
+                                   queue=model.queue, queue_ptr=model.queue_ptr, optimizer=optimizer.state_dict(),
+                                   train_step=step.state_dict(), epoch=epoch + 1, history=history, args=vars(args))
+            common.write_json(out / "log.json", history)
+        step.checkpoint = ck_path
 
-    # save
-    if rt.main:
-        write_json(out / "results.json", {"args": vars(args), "images": len(samples), "history": history,
-                                          "final_loss": history[-1]["loss"] if history else None})
-        print_table([[h["epoch"], h["loss"], h["contrast"], h["saliency"], h["lr"] * 1000] for h in history],
-                    ["epoch", "loss", "contrastive", "saliency", "lr×1e3"])
-        print0(f"wrote {out / 'checkpoint.pth'}, {out / 'results.json'}, {out / 'views.png'}")
+    # ========================================================================================================== save
+    if world.is_main:
+        common.write_json(out / "results.json", {"args": vars(args), "images": len(samples), "history": history,
+                                                 "final_loss": history[-1]["loss"]})
+        common.print_table([[h["epoch"], h["loss"], h["contrast"], h["saliency"], h["lr"] * 1000] for h in history],
+                           ["epoch", "loss", "contrastive", "saliency", "lr×1e3"])
+        common.print0(f"wrote {ck_path}, {out / 'results.json'}, {out / 'views.png'}")
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def benchmark(model, opt, scaler, batches, args, rt, warmup=5):
-    """Training steps on the real pipeline: images/s, peak memory, and the share of time spent waiting for data."""
-    cuda = rt.device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def endless():
-        epoch = 0
-        while True:
-            yield from batches(epoch)
-            epoch += 1
-
-    it = endless()
-    model.train()
-    wait = total = 0.0
-    for i in tqdm(range(warmup + args.benchmark), desc="benchmark", disable=not rt.main):
-        if i == warmup:
-            sync()
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            wait, start = 0.0, time.perf_counter()
-        t = time.perf_counter()
-        xq, sq, xk, sk = next(it)
-        wait += time.perf_counter() - t
-        with autocast(rt.device, args.amp):
-            loss, _ = model(xq, sq, xk, sk)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        if cuda:
-            sync()  # data wait is measured against finished GPU work
-    total = time.perf_counter() - start
-    mem = (torch.cuda.max_memory_allocated() / 2**30 if cuda
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "steps": args.benchmark,
-           "batch_size": args.batch_size, "size": args.size, "arch": args.arch, "amp": args.amp,
-           "images_per_s": args.benchmark * args.batch_size / total, "peak_memory_gib": mem,
-           "data_wait_share": wait / total, "loss_res": args.loss_res, "workers": args.workers}
-    print0(json.dumps(res))
-    print_table([[res["device"], res["images_per_s"], res["peak_memory_gib"], 100 * res["data_wait_share"]]],
-                ["device", "images/s", "peak GiB" + (" (GPU)" if cuda else " (RSS)"), "data wait %"])
-    return res
-
-
 if __name__ == "__main__":
-    run_main(main)
+    common.run_main(main)

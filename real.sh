@@ -4,7 +4,8 @@
 # overclustering, retrieval) and fine-tuning on voc_mini (382 train / 160 val), each against the same architecture
 # with random weights (and, on a GPU, the saliency network's own features: Table 1's first row).
 #   bash real.sh            # sized for one H100/H200: about 10 minutes (not yet run: no GPU was lent)
-#   CPU=1 bash real.sh      # sized for a 2-core CPU: resnet18, fewer images, small inputs (20 minutes measured)
+#   CPU=1 bash real.sh      # sized for a 2-core CPU: resnet18, fewer images, small inputs (about 20 minutes)
+# A finished run is not overwritten: pass another OUT=... to run it again.
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA=${DATA:-../shared/data}
@@ -29,18 +30,19 @@ python mine_masks.py --data-root $DATA/voc_mini $OUT/duts --name unsup --mask-ro
     --rounds $ROUNDS --epochs $MINE_EPOCHS --workers $WORKERS --out $OUT/mine
 
 # 2. MaskContrast pretraining on voc_mini/train + DUTS-TR images with their mined masks
-python pretrain.py --data-root $DATA/voc_mini $OUT/duts --split train --saliency unsup --mask-root $OUT/masks \
+python pretrain.py --data-root $DATA/voc_mini $OUT/duts --train-split train --mask-root $OUT/masks \
     --arch $ARCH --size $PT_SIZE --batch-size $PT_BATCH --queue-size $((2 * PT_BATCH)) \
     --epochs $PT_EPOCHS --lr $PT_LR --momentum $PT_M --workers $WORKERS --out $OUT/pretrain
 
 # 3a/3b. linear classifier and K-Means for MaskContrast and for random weights (mined masks as its foreground)
 for M in maskcontrast random; do
-    if [ $M = maskcontrast ]; then CK="--checkpoint $OUT/pretrain/checkpoint.pth"; FG=""
-    else CK="--checkpoint random --arch $ARCH"; FG="--saliency unsup --mask-root $OUT/masks"; fi
+    if [ $M = maskcontrast ]; then CK="--checkpoint $OUT/pretrain/checkpoint.pth"
+    else CK="--checkpoint random --arch $ARCH"; fi
     python linear_eval.py --data-root $DATA/voc_mini --train-split train $CK --size $EVAL_SIZE \
         --epochs $LC_EPOCHS --lr-step $LC_STEP --workers $WORKERS --out $OUT/linear_$M
-    python kmeans_eval.py --data-root $DATA/voc_mini $CK $FG --size $EVAL_SIZE --clusters 21 50 100 \
-        --retrieval-split train --workers $WORKERS --out $OUT/kmeans_$M
+    # the random network has no saliency head: its foreground comes from the mined masks (--mask-root)
+    python kmeans_eval.py --data-root $DATA/voc_mini $CK --mask-root $OUT/masks --size $EVAL_SIZE --clusters 21 50 100 \
+        --workers $WORKERS --out $OUT/kmeans_$M
 done
 if [ "$ROUNDS" -gt 0 ]; then  # Table 1's first row: the saliency network's own features
     SAL=$OUT/mine/round$ROUNDS.pth
@@ -50,7 +52,7 @@ fi
 
 # 3c. fine-tuning with ~5 % (19 images) and 100 % of voc_mini's train labels
 python finetune.py --data-root $DATA/voc_mini --arch $ARCH --size $FT_SIZE --fraction 0.05 1.0 --splits 1 \
-    --iters $FT_ITERS --batch-size 8 --workers $WORKERS --init $OUT/pretrain/checkpoint.pth random \
+    --iters $FT_ITERS --batch-size 8 --workers $WORKERS --checkpoint $OUT/pretrain/checkpoint.pth random \
     --names maskcontrast random --out $OUT/finetune
 
 python - "$OUT" <<'EOF'

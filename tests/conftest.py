@@ -8,14 +8,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # these tiny convolutions run faster on one thread than split across two
 
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
-    """A tiny synthetic VOC-layout dataset (64×64 images), shared read-only by the tests of a session."""
+    """A small synthetic VOC-layout dataset (64×64 images), shared read-only by the tests of a session."""
     from common import make_synthetic_voc
     return make_synthetic_voc(tmp_path_factory.mktemp("synth"), n_train=48, n_val=16, size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    """12 train and 8 val images of 32×32: end-to-end runs of the evaluation scripts stay within seconds."""
+    from common import make_synthetic_voc
+    return make_synthetic_voc(tmp_path_factory.mktemp("tiny"), n_train=12, n_val=8, size=32, seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -32,16 +39,8 @@ def pretrain_ck(tmp_path_factory):
                 m.running_var.uniform_(0.5, 1.5)
         model.saliency_head.weight.fill_(1.0)
     path = tmp_path_factory.mktemp("ck") / "checkpoint.pth"
-    save_checkpoint(path, kind="pretrain", model=model.state_dict(), args={"arch": "resnet18", "dim": 32},
-                    saliency_head=True)
+    save_checkpoint(path, "pretrain", model=model.state_dict(), args={"arch": "resnet18", "dim": 32})
     return path
-
-
-@pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory):
-    """12 train and 8 val images of 32×32: end-to-end runs of the evaluation scripts stay within seconds."""
-    from common import make_synthetic_voc
-    return make_synthetic_voc(tmp_path_factory.mktemp("tiny"), n_train=12, n_val=8, size=32, seed=1)
 
 
 def run_cli(main, argv, capsys):
@@ -50,3 +49,14 @@ def run_cli(main, argv, capsys):
     with pytest.raises(SystemExit) as e:
         run_main(lambda: main(argv))
     return e.value.code, capsys.readouterr().err
+
+
+def one_line_error(main, argv, capsys, *expect):
+    """main(argv) stops with exit 2 and one line on stderr (after any progress bar) that holds every string of
+    `expect`, and no traceback."""
+    code, err = run_cli(main, argv, capsys)
+    errors = [line for line in err.replace("\r", "\n").split("\n") if line.startswith("error")]
+    assert code == 2 and len(errors) == 1 and err.rstrip().endswith(errors[0]) and "Traceback" not in err, err
+    for e in expect:
+        assert e in errors[0], (e, errors[0])
+    return errors[0]

@@ -72,21 +72,25 @@ def test_train_val_overlap_refused(synth_root, tmp_path):
     (root / "ImageSets" / "Segmentation" / "train.txt").write_text("train_0000\ntrain_0001\nval_0000\n")
     (root / "ImageSets" / "Segmentation" / "val.txt").write_text("val_0000\nval_0001\n")
     with pytest.raises(common.UserError, match="val_0000"):
-        finetune.main(["--data-root", str(root), "--out", str(tmp_path / "out"), "--arch", "resnet18"])
+        finetune.main(["--data-root", str(root), "--out", str(tmp_path / "out"), "--arch", "resnet18",
+                       "--checkpoint", "random"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # recipe: learning-rate groups and frozen BatchNorm
 
 def test_recipe_and_lr_groups(pretrain_ck):
-    args = finetune.get_args(["--data-root", "x", "--arch", "resnet18"])
     mc, rnd = finetune.resolve_inits([str(pretrain_ck), "random"], None, "resnet18")
     assert (mc.name, mc.kind, rnd.name) == ("maskcontrast", "maskcontrast", "random")
-    assert finetune.recipe(args, mc, 0.01) == finetune.recipe(args, mc, 0.02) == (0.001, 0.1, True)
-    assert finetune.recipe(args, mc, 0.05) == (0.004, 0.004, False)
-    assert finetune.recipe(args, rnd, 0.01) == (0.004, 0.004, False)  # the baseline keeps 0.004 everywhere
-    all_args = finetune.get_args(["--data-root", "x", "--low-data-recipe", "all"])
-    assert finetune.recipe(all_args, rnd, 0.01) == (0.001, 0.1, True)
+
+    def rec(init, fraction, which="maskcontrast"):  # the paper's lrs
+        r = finetune.recipe(init, fraction, 0.004, 0.001, 0.1, 0.02, which)
+        return r.lr, r.head_lr, r.freeze_bn
+
+    assert rec(mc, 0.01) == rec(mc, 0.02) == (0.001, 0.1, True)
+    assert rec(mc, 0.05) == (0.004, 0.004, False)
+    assert rec(rnd, 0.01) == (0.004, 0.004, False)  # the baseline keeps 0.004 everywhere
+    assert rec(rnd, 0.01, "all") == (0.001, 0.1, True) and rec(mc, 0.01, "none") == (0.004, 0.004, False)
 
     model, _ = finetune.build_model(mc, "resnet18", 5)
     opt = torch.optim.SGD(finetune.param_groups(model, 0.001, 0.1), lr=0.001)
@@ -128,12 +132,16 @@ def run(synth_root, out, *extra):
                           "--batch-size", "2", "--workers", "0", "--out", str(out), *extra])
 
 
-def test_end_to_end_table_figure_and_resume(synth_root, pretrain_ck, tmp_path, capsys):
+def final_weights(out, name, tag):
+    return common.load_checkpoint(out / name / tag / "checkpoint.pth", kind="finetune")["model"]
+
+
+def test_end_to_end_table_figure_and_resume(tiny_root, pretrain_ck, tmp_path, capsys):
     out = tmp_path / "ft"
-    common_flags = ["--init", str(pretrain_ck), "random", "--splits", "1", "--iters", "2", "--n-figures", "3"]
-    table = run(synth_root, out, *common_flags, "--fraction", "0.02", "1.0")
+    common_flags = ["--checkpoint", str(pretrain_ck), "random", "--splits", "1", "--iters", "2", "--n-figures", "3"]
+    table = run(tiny_root, out, *common_flags, "--fraction", "0.02", "1.0")
     printed = capsys.readouterr().out
-    assert "2% (1)" in printed and "100% (48)" in printed and "maskcontrast" in printed
+    assert "2% (1)" in printed and "100% (12)" in printed and "maskcontrast" in printed
     assert set(table) == {"maskcontrast", "random"} and set(table["random"]) == {"0.02", "1"}
     saved = json.loads((out / "results.json").read_text())
     assert saved["table"]["maskcontrast"]["0.02"]["n_labeled"] == [1]
@@ -153,47 +161,52 @@ def test_end_to_end_table_figure_and_resume(synth_root, pretrain_ck, tmp_path, c
     rebuilt = common.model_from_checkpoint(low)
     assert rebuilt.head.out_channels == 5 and rebuilt.saliency_head is None
 
-    # --resume: the four finished runs are skipped (results untouched), only the new fraction trains
+    with pytest.raises(common.UserError, match="holds a run already"):  # a new run does not overwrite it
+        run(tiny_root, out, *common_flags, "--fraction", "0.02")
+    # --resume: the finished runs are skipped (results untouched), only the new fraction trains
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/*/result.json")}
-    run(synth_root, out, *common_flags, "--fraction", "0.02", "0.05", "1.0", "--resume")
+    flags = [f for f in common_flags if f != str(pretrain_ck)]  # the random init alone
+    run(tiny_root, out, *flags, "--fraction", "0.02", "0.05", "1.0", "--resume")
     printed = capsys.readouterr().out
-    assert printed.count("finished earlier, skipped") == 4
+    assert printed.count("finished earlier, skipped") == 2
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     assert (out / "random" / "0.05_0" / "result.json").exists()
     assert set(json.loads((out / "results.json").read_text())["table"]["random"]) == {"0.02", "0.05", "1"}
 
 
-def test_resume_continues_an_interrupted_run(synth_root, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "ft"
-    flags = ["--init", "random", "--splits", "1", "--fraction", "1.0", "--iters", "3", "--save-every", "1"]
+def test_resume_continues_an_interrupted_run_exactly(tiny_root, tmp_path, capsys, monkeypatch):
+    flags = ["--checkpoint", "random", "--splits", "1", "--fraction", "1.0", "--iters", "3", "--save-every", "1"]
+    run(tiny_root, tmp_path / "whole", *flags)
     real_save = common.save_checkpoint
 
-    class Crash(Exception):
+    class Killed(Exception):
         pass
 
-    def save_then_crash(path, **state):
-        real_save(path, **state)
-        raise Crash  # as if the job died right after its first checkpoint
+    def save_then_die(path, kind, **state):
+        real_save(path, kind, **state)
+        raise Killed  # as if the job died right after its first checkpoint
 
-    monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        run(synth_root, out, *flags)
+    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
+    out = tmp_path / "ft"
+    with pytest.raises(Killed):
+        run(tiny_root, out, *flags)
     monkeypatch.setattr(common, "save_checkpoint", real_save)
     ck = common.load_checkpoint(out / "random" / "1_0" / "checkpoint.pth")
     assert ck["step"] == 1 and "optimizer" in ck and not (out / "random" / "1_0" / "result.json").exists()
-    run(synth_root, out, *flags, "--resume")
+    run(tiny_root, out, *flags, "--resume")
     assert "from step 1/3" in capsys.readouterr().out
     assert json.loads((out / "random" / "1_0" / "result.json").read_text())["iters"] == 3
-    assert common.load_checkpoint(out / "random" / "1_0" / "checkpoint.pth")["step"] == 3
+    a, b = final_weights(tmp_path / "whole", "random", "1_0"), final_weights(out, "random", "1_0")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # data order, augmentation and dropout came back
 
 
 def test_too_few_classes_is_a_user_error(synth_root, tmp_path):
     with pytest.raises(common.UserError, match="--classes"):
-        run(synth_root, tmp_path / "ft", "--classes", "3", "--iters", "1")
+        run(synth_root, tmp_path / "ft", "--classes", "3", "--iters", "1", "--checkpoint", "random")
 
 
 def test_bad_inits_are_user_errors(pretrain_ck, tmp_path):
-    with pytest.raises(common.UserError, match="no such file"):
+    with pytest.raises(common.UserError, match="missing.pth: file not found"):
         finetune.resolve_inits([str(tmp_path / "missing.pth")], None, "resnet18")
     with pytest.raises(common.UserError, match="--arch resnet18"):
         finetune.resolve_inits([str(pretrain_ck)], None, "resnet50")
@@ -201,5 +214,5 @@ def test_bad_inits_are_user_errors(pretrain_ck, tmp_path):
         finetune.resolve_inits(["random", "random"], None, "resnet18")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(common.UserError, match="junk.pth"):
-        finetune.build_model(finetune.Init("junk", str(junk), "backbone"), "resnet18", 5)
+    with pytest.raises(common.UserError, match="junk.pth: not a PyTorch checkpoint"):
+        finetune.resolve_inits([str(junk)], None, "resnet18")

@@ -8,7 +8,7 @@ import torch
 
 import common
 import kmeans_eval as ke
-from conftest import run_cli
+from conftest import one_line_error
 
 
 def test_match_clusters_recovers_a_permutation():
@@ -114,11 +114,11 @@ def test_pca_whitening():
     assert ke.pca_whiten(low.double(), 32).shape[1] == 3
 
 
-def test_end_to_end_with_retrieval(tiny_root, pretrain_ck, tmp_path, capsys):
+def test_end_to_end_with_retrieval_and_the_overclustering_warning(tiny_root, pretrain_ck, tmp_path, capsys):
     out = tmp_path / "km"
-    res = ke.main(["--data-root", str(tiny_root), "--checkpoint", str(pretrain_ck), "--size", "32", "--workers", "0",
-                   "--n-seeds", "2", "--restarts", "2", "--clusters", "5", "7", "20",
-                   "--retrieval-split", "train", "--out", str(out), "--n-figures", "3"])
+    argv = ["--data-root", str(tiny_root), "--checkpoint", str(pretrain_ck), "--size", "32", "--workers", "0",
+            "--n-seeds", "2", "--restarts", "2", "--clusters", "5", "7", "20", "--out", str(out), "--n-figures", "3"]
+    res = ke.main(argv)
     printed = capsys.readouterr().out
     assert "K-Means 5" in printed and "retrieval" in printed
     saved = json.loads((out / "kmeans_eval.json").read_text())
@@ -127,9 +127,17 @@ def test_end_to_end_with_retrieval(tiny_root, pretrain_ck, tmp_path, capsys):
     assert len(saved["clusters"]["5"]["miou_per_seed"]) == 2
     assert 0 <= saved["clusters"]["5"]["miou_mean"] <= 100
     assert saved["with_foreground"] == 8  # every pixel is salient
+    # 6 clusters for 8 prototypes: majority voting is nearly a labelling, and it says so; Hungarian matching is not
+    assert "upper bound" in saved["clusters"]["7"]["warning"] and "warning" not in saved["clusters"]["5"]
+    assert "warning: 6 clusters for 8 prototypes" in printed
     assert "5 classes" in saved["retrieval"] and res["retrieval"]["5 classes"]["bank_size"] == 12
     for png in ("kmeans_val.png", "retrieval.png"):
         assert (out / png).stat().st_size > 1000
+    one_line_error(ke.main, argv, capsys, "holds a run already", "--resume")  # the finished run is kept
+    # --resume reuses the prototypes and gives the same numbers
+    again = ke.main(argv + ["--resume"])
+    assert "prototypes reused" in capsys.readouterr().out
+    assert json.dumps(again["clusters"]) == json.dumps(res["clusters"])  # NaN (an absent class) equals itself here
 
 
 def test_baseline_with_mask_folder_and_dropped_images(tiny_root, tmp_path, capsys):
@@ -140,37 +148,34 @@ def test_baseline_with_mask_folder_and_dropped_images(tiny_root, tmp_path, capsy
     (masks / "val_0002.png").unlink()
     argv = ["--data-root", str(tiny_root), "--classes", "5", "--checkpoint", "random", "--arch", "resnet18",
             "--saliency", "m", "--mask-root", str(tmp_path / "mined"), "--size", "32", "--workers", "0",
-            "--n-seeds", "1", "--out", str(tmp_path / "o"), "--n-figures", "0"]
-    code, err = run_cli(ke.main, argv, capsys)
-    assert code == 2 and "val_0002.png" in err and len(err.strip().splitlines()) == 1
+            "--n-seeds", "1", "--out", str(tmp_path / "o"), "--n-figures", "0", "--absent-classes", "skip"]
+    one_line_error(ke.main, argv, capsys, "val_0002.png")
     (masks / "dropped.txt").write_text("val_0002\n")
-    res = ke.main(argv)
+    res = ke.main(argv + ["--resume"])
     assert res["with_foreground"] == 7 and res["clusters"]["5"]["miou_mean"] > 0
+    assert "RANDOM-WEIGHTS BASELINE" in res["model"]
     # oracle foreground: background is exact wherever the dropped image has no object pixels
     assert res["clusters"]["5"]["per_class_iou_mean"]["background"] > 90
 
 
 def test_bad_input_is_one_line(synth_root, pretrain_ck, tmp_path, capsys):
     base = ["--data-root", str(synth_root), "--size", "32", "--workers", "0", "--out", str(tmp_path / "o")]
-    # no saliency head, no saliency folder
-    code, err = run_cli(ke.main, base + ["--checkpoint", "random", "--arch", "resnet18"], capsys)
-    assert code == 2 and "no saliency head" in err and len(err.strip().splitlines()) == 1
-    # a saliency folder that does not exist
-    code, err = run_cli(ke.main, base + ["--checkpoint", "random", "--arch", "resnet18", "--saliency", "nope"], capsys)
-    assert code == 2 and "saliency_nope" in err and len(err.strip().splitlines()) == 1
+    # no saliency head and no masks where mine_masks.py writes them by default
+    one_line_error(ke.main, base + ["--checkpoint", "random", "--arch", "resnet18"], capsys, "saliency_unsup: no masks",
+                   "mine_masks.py")
+    one_line_error(ke.main, base + ["--checkpoint", "random", "--arch", "resnet18", "--foreground", "head", "--resume"],
+                   capsys, "has no saliency head")
     # checkpoint of another architecture: --arch disagrees, or weights that do not fit the arch it names
-    code, err = run_cli(ke.main, base + ["--checkpoint", str(pretrain_ck), "--arch", "resnet50"], capsys)
-    assert code == 2 and "resnet18" in err and len(err.strip().splitlines()) == 1
+    one_line_error(ke.main, base + ["--checkpoint", str(pretrain_ck), "--arch", "resnet50", "--resume"], capsys,
+                   "holds a resnet18 model")
     wrong = tmp_path / "wrong.pth"
-    common.save_checkpoint(wrong, kind="pretrain", model=common.SegModel("resnet18", 16).state_dict(),
-                           args={"arch": "resnet18", "dim": 32}, saliency_head=True)
-    code, err = run_cli(ke.main, base + ["--checkpoint", str(wrong)], capsys)
-    assert code == 2 and "do not fit" in err and len(err.strip().splitlines()) == 1
-    # a val split without labels
+    common.save_checkpoint(wrong, "pretrain", model=common.SegModel("resnet34", 16).state_dict(),
+                           args={"arch": "resnet18", "dim": 32})
+    one_line_error(ke.main, base + ["--checkpoint", str(wrong), "--resume"], capsys, "do not fit")
+    # a val split without labels: refused before anything is written
     nolab = tmp_path / "nolab"
     shutil.copytree(synth_root / "JPEGImages", nolab / "JPEGImages")
     shutil.copytree(synth_root / "ImageSets", nolab / "ImageSets")
-    argv = ["--data-root", str(nolab), "--checkpoint", str(pretrain_ck), "--out", str(tmp_path / "o")]
-    code, err = run_cli(ke.main, argv, capsys)
-    assert code == 2 and "no label" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "o").exists()  # nothing half-written
+    argv = ["--data-root", str(nolab), "--checkpoint", str(pretrain_ck), "--out", str(tmp_path / "o2")]
+    one_line_error(ke.main, argv, capsys, "has no label")
+    assert not (tmp_path / "o2").exists()

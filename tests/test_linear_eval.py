@@ -9,35 +9,38 @@ from torch.utils.data import DataLoader
 
 import common
 import linear_eval as le
-from conftest import run_cli
+from conftest import one_line_error
 
 
-def _one_epoch(model, synth_root, frozen):
-    args = le.get_args(["--data-root", str(synth_root), "--amp", "none"])
+def _epoch(model, synth_root, frozen):
+    """One epoch of the linear protocol (LinearProbe, TrainStep) on 4 images; returns (state before, probe, loss)."""
     samples = common.list_samples(synth_root, "train", labels=True)[:4]
-    loader = DataLoader(common.SegDataset(samples, common.seg_train_transform(32)), batch_size=4)
-    if frozen:
-        common.freeze(model)
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    clf = torch.nn.Conv2d(256, 5, 1)
-    opt = torch.optim.SGD(clf.parameters(), lr=0.1)
-    loss = le.train_one_epoch(model.features, clf, loader, opt, common.make_scaler(torch.device("cpu"), "none"),
-                              args, torch.device("cpu"), 5, samples)
-    return before, clf, loss
+    ds = common.SegDataset(samples, common.seg_train_transform(32))
+    loader = DataLoader(ds, batch_size=4, sampler=common.SeededSampler(4, 0))
+    probe = le.LinearProbe(model, "decoder", 5)
+    if not frozen:
+        probe.model.requires_grad_(True)
+    before = {k: v.detach().clone() for k, v in probe.model.state_dict().items()}
+    params = [p for p in probe.parameters() if p.requires_grad]
+    step = common.TrainStep(torch.optim.SGD(params, lr=0.1), [probe], torch.device("cpu"), "none", advice="")
+    probe.train()
+    if not frozen:
+        probe.model.train()  # what a forgotten freeze looks like: BatchNorm statistics drift
+    for x, y, _ in loader:
+        logits = torch.nn.functional.interpolate(probe(x), size=y.shape[-2:], mode="bilinear")
+        loss = step(common.segmentation_loss(logits, y))
+    return before, probe, loss
 
 
 def test_sanity_check_fails_if_backbone_left_trainable(synth_root):
     torch.manual_seed(0)
-    model = common.SegModel("resnet18", 32)
-    w0 = torch.nn.Conv2d(256, 5, 1).weight.clone()
-    before, clf, loss = _one_epoch(model, synth_root, frozen=True)
-    le.check_frozen(model, before)  # frozen: passes
-    assert loss > 0 and not torch.equal(clf.weight, w0)  # ...while the new layer did learn
-    model = common.SegModel("resnet18", 32)  # left trainable (train mode): BatchNorm statistics drift
-    before, _, _ = _one_epoch(model, synth_root, frozen=False)
+    before, probe, loss = _epoch(common.SegModel("resnet18", 32), synth_root, frozen=True)
+    le.check_frozen(probe.model, before)  # frozen: passes
+    assert loss > 0 and probe.classifier.weight.grad is not None  # ...while the new layer did learn
+    before, probe, _ = _epoch(common.SegModel("resnet18", 32), synth_root, frozen=False)
     with pytest.raises(RuntimeError, match="sanity check failed"):
-        le.check_frozen(model, before)
-    common.freeze(model)  # a single touched weight is caught too
+        le.check_frozen(probe.model, before)
+    model = common.SegModel("resnet18", 32).eval()  # a single touched weight is caught too
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         model.backbone.layer1[0].conv1.weight[0, 0, 0, 0] += 1e-6
@@ -59,13 +62,11 @@ def test_scored_at_original_label_size(tmp_path):
         valid += int((lab != 255).sum())
         common.save_label_png(lab.numpy(), root / "SegmentationClass" / f"im{i}.png")
     (root / "ImageSets/Segmentation/val.txt").write_text("im0\nim1\n")
-    args = le.get_args(["--data-root", str(root), "--size", "32", "--workers", "0", "--amp", "none"])
-    model = common.freeze(common.SegModel("resnet18", 32))
+    probe = le.LinearProbe(common.SegModel("resnet18", 32), "decoder", 3)
     samples = common.list_samples(root, "val", labels=True)
-    conf, shown = le.evaluate(model.features, torch.nn.Conv2d(256, 3, 1), samples, args, torch.device("cpu"), 3, 2,
-                              keep=2)
-    assert conf.shape == (3, 3) and int(conf.sum()) == valid
-    assert [tuple(p.shape) for _, _, p in shown] == [(37, 53), (61, 29)]
+    ev = common.evaluate_segmentation(probe, samples, 3, 32, torch.device("cpu"), "none", 2, 0, keep=2)
+    assert ev["conf"].shape == (3, 3) and int(ev["conf"].sum()) == valid
+    assert [tuple(p.shape) for _, _, p in ev["shown"]] == [(37, 53), (61, 29)]
 
 
 def test_end_to_end_predict_and_resume(synth_root, tiny_root, pretrain_ck, tmp_path, capsys):
@@ -104,24 +105,52 @@ def test_backbone_features_baseline(tiny_root, tmp_path):
 def test_bad_input_is_one_line(synth_root, pretrain_ck, tmp_path, capsys):
     base = ["--data-root", str(synth_root), "--train-split", "train", "--size", "32", "--workers", "0",
             "--out", str(tmp_path / "o")]
-    code, err = run_cli(le.main, base + ["--checkpoint", str(pretrain_ck), "--arch", "resnet50"], capsys)
-    assert code == 2 and "resnet18" in err and len(err.strip().splitlines()) == 1
+    one_line_error(le.main, base + ["--checkpoint", str(pretrain_ck), "--arch", "resnet50"], capsys,
+                   "holds a resnet18 model but --arch says resnet50")
     wrong = tmp_path / "r34.pth"  # weights of another architecture than the args say
-    common.save_checkpoint(wrong, kind="pretrain", model=common.SegModel("resnet34", 32).state_dict(),
-                           args={"arch": "resnet18", "dim": 32}, saliency_head=True)
-    code, err = run_cli(le.main, base + ["--checkpoint", str(wrong)], capsys)
-    assert code == 2 and "do not fit" in err and len(err.strip().splitlines()) == 1
+    common.save_checkpoint(wrong, "pretrain", model=common.SegModel("resnet34", 32).state_dict(),
+                           args={"arch": "resnet18", "dim": 32})
+    one_line_error(le.main, base + ["--checkpoint", str(wrong)], capsys, "do not fit")
     other = tmp_path / "linear.pth"  # a checkpoint of another kind
-    common.save_checkpoint(other, kind="linear", model={}, args={})
-    code, err = run_cli(le.main, base + ["--checkpoint", str(other)], capsys)
-    assert code == 2 and "'linear'" in err and len(err.strip().splitlines()) == 1
-    code, err = run_cli(le.main, base + ["--backbone-init", str(tmp_path / "missing.pth"), "--arch", "resnet18"],
-                        capsys)
-    assert code == 2 and "missing.pth" in err and len(err.strip().splitlines()) == 1
+    common.save_checkpoint(other, "linear", model={}, args={})
+    one_line_error(le.main, base + ["--checkpoint", str(other)], capsys, "'linear'")
+    one_line_error(le.main, base + ["--checkpoint", str(tmp_path / "missing.pth")], capsys,
+                   "missing.pth: file not found")
+    (tmp_path / "random.bin").write_bytes(b"\x00\x01 not a checkpoint")
+    one_line_error(le.main, base + ["--checkpoint", str(tmp_path / "random.bin")], capsys,
+                   "random.bin: not a PyTorch checkpoint")
     nolab = tmp_path / "nolab"
     shutil.copytree(synth_root / "JPEGImages", nolab / "JPEGImages")
     shutil.copytree(synth_root / "ImageSets", nolab / "ImageSets")
-    code, err = run_cli(le.main, ["--data-root", str(nolab), "--train-split", "train", "--out", str(tmp_path / "o")],
-                        capsys)
-    assert code == 2 and "no label" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "o").exists()
+    one_line_error(le.main, ["--data-root", str(nolab), "--checkpoint", "random", "--out", str(tmp_path / "o2")],
+                   capsys, "has no label")
+    assert not (tmp_path / "o2").exists()  # nothing written before the inputs are known to be good
+
+
+def test_resume_after_a_kill_is_exact_and_divergence_keeps_the_last_good_classifier(tiny_root, pretrain_ck,
+                                                                                  tmp_path, monkeypatch, capsys):
+    argv = ["--data-root", str(tiny_root), "--checkpoint", str(pretrain_ck), "--size", "32", "--epochs", "2",
+            "--batch-size", "4", "--workers", "0", "--lr", "0.01", "--n-figures", "0"]
+    whole = le.main(argv + ["--out", str(tmp_path / "a")])
+    real_save = common.save_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(path, kind, **state):
+        real_save(path, kind, **state)
+        raise Killed
+
+    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        le.main(argv + ["--out", str(tmp_path / "b")])
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    resumed = le.main(argv + ["--out", str(tmp_path / "b"), "--resume"])
+    assert resumed["miou"] == whole["miou"] and resumed["confusion"] == whole["confusion"]
+    one_line_error(le.main, argv + ["--out", str(tmp_path / "b")], capsys, "holds a run already")
+    # lr 1e12: the guard stops the run, and the classifier it keeps is finite
+    one_line_error(le.main, argv + ["--out", str(tmp_path / "c"), "--lr", "1e12"], capsys, "training diverged",
+                   "--lr 1e+12")
+    if (tmp_path / "c" / "linear.pth").exists():
+        ck = common.load_checkpoint(tmp_path / "c" / "linear.pth", kind="linear")
+        assert all(torch.isfinite(t).all() for t in ck["model"].values())

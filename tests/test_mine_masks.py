@@ -1,8 +1,5 @@
 """mine_masks.py: priors, post-processing bounds, metrics by hand, the three modes end to end, resume, bad input."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +8,8 @@ from PIL import Image
 
 import common
 import mine_masks as mm
+from conftest import one_line_error
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "resnet18", "--size", "32", "--prior-size", "48", "--epochs", "1", "--batch-size", "8",
         "--workers", "0", "--grid", "2"]
 
@@ -60,8 +57,7 @@ def test_postprocess_keeps_and_drops_exactly_at_the_one_percent_bounds():
     prob[50:59, 50:61] = 0.6  # 99 px: removed
     mask, share, why = mm.postprocess(prob)
     assert why is None and share == 0.01 and mask.sum() == 100 and not mask[50:59, 50:61].any()
-    prob[0, 0] = 0.49  # the kept blob falls to 99 px (and 0.5 itself counts as foreground)
-    prob[60, 60] = 0.5
+    prob[0, 0] = 0.5  # the kept blob falls to 99 px: 0.5 itself is background (the release thresholds strictly)
     mask, share, why = mm.postprocess(prob)
     assert why is not None and "1%" in why and mask.sum() == 0
     # diagonal touching counts as one component (8-connectivity): 50 + 50 px = 100 px kept
@@ -69,6 +65,14 @@ def test_postprocess_keeps_and_drops_exactly_at_the_one_percent_bounds():
     prob[0:5, 0:10] = prob[5:10, 10:20] = 1
     assert mm.postprocess(prob)[0].sum() == 100
     assert mm.postprocess(np.zeros((10, 10)))[2].startswith("no pixel")
+    # a ring of 48 px (under 1 %) around a hole: its filled contour (169 px) is over 1 %, so the ring stays
+    prob = np.zeros((100, 100), np.float32)
+    prob[0:10, 0:10] = 1  # 100 px, so that the image is kept
+    prob[40:53, 40:53] = 1
+    prob[41:52, 41:52] = 0
+    prob[46, 46] = 1  # ... and a speck inside the hole, under 1 % itself, goes
+    mask, _, why = mm.postprocess(prob)
+    assert why is None and mask.sum() == 148 and mask[40, 40] and not mask[46, 46]
 
 
 def test_metrics_equal_hand_computed_values():
@@ -98,7 +102,7 @@ def _read_png(p):
 
 def test_unsupervised_end_to_end_writes_masks_that_pretraining_can_load(synth_root, tmp_path, capsys):
     out_root, work = tmp_path / "masks", tmp_path / "work"
-    args = ["--data-root", str(synth_root), "--split", "val", "--name", "mined", "--out-root", str(out_root),
+    args = ["--data-root", str(synth_root), "--split", "val", "--name", "mined", "--mask-root", str(out_root),
             "--out", str(work), "--rounds", "1", "--eval-masks", str(synth_root / "saliency_oracle")] + TINY
     mm.main(args)
     printed = capsys.readouterr().out
@@ -142,7 +146,7 @@ def test_import_mode_resizes_any_map_and_drops_empty_ones(synth_root, tmp_path):
         if k != 0:  # the first map is empty → dropped
             a[5:15, 10:20] = 255
         Image.fromarray(a).save(maps / f"{i}.png")
-    mm.main(["--data-root", str(synth_root), "--split", "val", "--name", "imp", "--out-root", str(tmp_path),
+    mm.main(["--data-root", str(synth_root), "--split", "val", "--name", "imp", "--mask-root", str(tmp_path),
              "--out", str(tmp_path / "w"), "--import-maps", str(maps), "--grid", "0", "--workers", "0"])
     d = tmp_path / "saliency_imp"
     assert (d / "dropped.txt").read_text().split() == [ids[0]]
@@ -158,37 +162,78 @@ def test_supervised_mode_trains_on_labeled_folders(synth_root, tmp_path):
     for s in common.list_samples(synth_root, "train", saliency="oracle")[:8]:  # one step of 8
         (imgs / s.image.name).write_bytes(s.image.read_bytes())
         (masks / s.saliency.name).write_bytes(s.saliency.read_bytes())
-    mm.main(["--data-root", str(synth_root), "--split", "val", "--name", "sup", "--out-root", str(tmp_path),
+    mm.main(["--data-root", str(synth_root), "--split", "val", "--name", "sup", "--mask-root", str(tmp_path),
              "--out", str(tmp_path / "w"), "--train-images", str(imgs), "--train-masks", str(masks), "--eval-masks",
              str(synth_root / "saliency_oracle")] + TINY)
     s = json.loads((tmp_path / "saliency_sup" / "summary.json").read_text())
     assert s["mode"] == "supervised" and "supervised" in s["stages"] and s["kept"] + s["dropped"] == 16
 
 
-def test_bad_input_is_one_line_error(synth_root, tmp_path):
+def test_resume_after_a_kill_gives_the_masks_of_an_uninterrupted_run(tiny_root, tmp_path, monkeypatch):
+    def run(name, *extra):
+        mm.main(["--data-root", str(tiny_root), "--split", "val", "--mask-root", str(tmp_path / name), "--out",
+                 str(tmp_path / f"w_{name}"), "--rounds", "1", *TINY, "--epochs", "2", "--batch-size", "4",
+                 "--prior-size", "32", "--threshold", "0.3", *extra])
+        maps = common.torch_load(tmp_path / f"w_{name}" / "maps_round1.pt")["maps"]  # what the network predicted
+        return maps, {p.name: p.read_bytes() for p in (tmp_path / name / "saliency_unsup").glob("*.png")}
+
+    whole = run("a")
+    real_save = common.save_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(path, kind, **state):
+        real_save(path, kind, **state)
+        raise Killed  # as if the job died right after the first epoch's checkpoint
+
+    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        run("b")
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    assert common.load_checkpoint(tmp_path / "w_b" / "round1.pth")["epoch"] == 1
+    maps, masks = run("b", "--resume")
+    assert torch.equal(maps, whole[0]) and masks == whole[1] and len(masks) > 0
+
+
+def test_every_mask_dropped_is_an_error_and_a_rerun_needs_resume(synth_root, tmp_path, capsys):
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    ids = [s.id for s in common.list_samples(synth_root, "val")]
+    for i in ids:
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(maps / f"{i}.png")
+    argv = ["--data-root", str(synth_root), "--split", "val", "--name", "imp", "--mask-root", str(tmp_path),
+            "--out", str(tmp_path / "w"), "--import-maps", str(maps), "--grid", "0", "--workers", "0"]
+    one_line_error(mm.main, argv, capsys, "every one of the 16 images was dropped", "no mask was written")
+    assert not list((tmp_path / "saliency_imp").glob("*.png")) and not (tmp_path / "saliency_imp/summary.json").exists()
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(maps / f"{ids[0]}.png")
+    mm.main(argv + ["--resume"])
+    one_line_error(mm.main, argv, capsys, "holds a run already", "--resume")  # the finished run is kept
+
+
+def test_bad_input_is_one_line_error(synth_root, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.jpg").write_bytes(b"not a jpeg at all")
-    r = subprocess.run([sys.executable, str(ROOT / "mine_masks.py"), "--data-root", str(bad), "--out",
-                        str(tmp_path / "w"), "--workers", "0"], capture_output=True, text=True, cwd=tmp_path)
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error")]  # the rest is tqdm's progress bar
-    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
-    assert lines[0].startswith("error: ") and "broken.jpg" in lines[0] and r.stderr.rstrip().endswith(lines[0])
-
+    one_line_error(mm.main, ["--data-root", str(bad), "--out", str(tmp_path / "w"), "--workers", "0"], capsys,
+                   "broken.jpg: cannot decode image")  # (in a DataLoader worker: tests/test_pretrain.py)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(common.UserError, match="no images found"):
-        mm.main(["--data-root", str(empty), "--out", str(tmp_path / "w")])
-
+    one_line_error(mm.main, ["--data-root", str(empty), "--out", str(tmp_path / "w2")], capsys, "no images found")
+    assert not (tmp_path / "w2").exists()  # the inputs are checked before anything is written
     gt = tmp_path / "gt"
     gt.mkdir()
     ids = [s.id for s in common.list_samples(synth_root, "val")]
     for i in ids:
         common.save_mask_png(np.zeros((32, 32)), gt / f"{i}.png")  # images are 64×64
-    with pytest.raises(common.UserError, match="ground truth is"):
-        mm.main(["--data-root", str(synth_root), "--split", "val", "--out-root", str(tmp_path), "--out",
-                 str(tmp_path / "w"), "--eval-masks", str(gt), "--workers", "0"])
+    argv = ["--data-root", str(synth_root), "--split", "val", "--mask-root", str(tmp_path), "--out",
+            str(tmp_path / "w3"), "--eval-masks", str(gt), "--workers", "0"]
+    one_line_error(mm.main, argv, capsys, "ground truth is (32, 32) but image")
     (gt / f"{ids[3]}.png").unlink()
-    with pytest.raises(common.UserError, match=f"no ground-truth mask for 1 of 16 images, e.g. '{ids[3]}'"):
-        mm.main(["--data-root", str(synth_root), "--split", "val", "--out-root", str(tmp_path), "--out",
-                 str(tmp_path / "w"), "--eval-masks", str(gt), "--workers", "0"])
+    one_line_error(mm.main, argv + ["--resume"], capsys, f"no ground-truth mask for 1 of 16 images, e.g. '{ids[3]}'")
+    (tmp_path / "a_file").write_text("")  # an output folder that cannot be: refused before any image is read
+    one_line_error(mm.main, ["--data-root", str(synth_root), "--out", str(tmp_path / "a_file")], capsys,
+                   "a_file: cannot write there (a file is in the way)")
+    one_line_error(mm.main, ["--data-root", str(synth_root), "--split", "val", "--mask-root", str(tmp_path / "m"),
+                             "--out", str(tmp_path / "w4"), *TINY, "--rounds", "1", "--batch-size", "1"], capsys,
+                   "a batch needs at least 2 images (BatchNorm)")
