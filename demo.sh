@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole MaskContrast pipeline on a small synthetic dataset, on CPU, every flag in sight: the five stages with
 # their defaults except for sizes (and, for the demo's random hues, the colour jitter), each against the same
-# resnet18 with random weights. About 5 minutes on 2 cores. On real data keep the defaults instead (README.md).
+# resnet18 with random weights. About 6 minutes on 2 cores. On real data keep the defaults instead (README.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-demo_out}
@@ -20,7 +20,7 @@ python mine_masks.py --data-root $OUT/data --rounds 0 --prior-size 96 --eval-mas
 # 2. pretraining (Sec. 3.3, Algorithm 1): resnet18 from scratch, 64² views, the hue jittered fully (an object's hue is
 #    random, so it must not tell objects apart)
 python pretrain.py --data-root $OUT/data --arch resnet18 --size 64 --batch-size 16 --queue-size 64 --epochs 30 \
-    --lr 0.1 --momentum 0.99 --color-jitter 0.4 0.4 0.4 0.5 --workers 0 --out $OUT/pretrain
+    --lr 0.2 --momentum 0.99 --color-jitter 0.4 0.4 0.4 0.5 --workers 0 --out $OUT/pretrain
 
 # 3a. linear classifier on the frozen 256-d decoder (Sec. 4.1-I); then the same resnet18 with random weights
 for CK in $OUT/pretrain/checkpoint.pth random; do
@@ -39,7 +39,7 @@ done
 # 3c. semi-supervised fine-tuning (Sec. 4.6, Table 6): 2 % of the labels (3 images) × 2 subsets, MaskContrast init
 #     (the low-data recipe: lr 0.001, classifier 0.1, BatchNorm frozen) against random init (lr 0.004)
 python finetune.py --data-root $OUT/data --checkpoint $OUT/pretrain/checkpoint.pth random --names maskcontrast random \
-    --arch resnet18 --size 64 --fraction 0.02 --splits 2 --iters 40 --workers 0 --out $OUT/finetune
+    --arch resnet18 --size 64 --fraction 0.02 --splits 2 --iters 30 --workers 0 --out $OUT/finetune
 
 # the demo's table, from the JSON files the stages wrote
 python - "$OUT" $((SECONDS - START)) <<'PY'

@@ -359,6 +359,7 @@ def main(argv=None):
     resuming = common.prepare_out(out, args.resume, ["kmeans_eval.json", "prototypes.pt"])  # before any work
 
     # ========================================================================================================== model
+    common.seed_all(args.seed)  # a random-weights baseline is the same network at every run
     model, _, desc = common.load_model(args.checkpoint, args.arch)
     model = model.to(device).eval().requires_grad_(False)
     head = model.saliency_head is not None and args.features == "head"

@@ -320,6 +320,7 @@ def benchmark(model, loader, sampler, step, world, steps, channels_last, amp, co
     """Time `steps` training steps after `warmup`: images/s, peak memory, the share of the time spent waiting for the
     loader (each step synchronised, so that waiting is measured against finished GPU work) and the MFU."""
     device, cuda = world.device, world.device.type == "cuda"
+    warmup = min(warmup, steps)
     batches = endless(loader, sampler)
     model.train()
     flops = None

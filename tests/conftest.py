@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
 
-torch.set_num_threads(1)  # these tiny convolutions run faster on one thread than split across two
+torch.set_num_threads(int(__import__("os").environ.get("TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

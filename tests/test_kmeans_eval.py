@@ -154,6 +154,8 @@ def test_baseline_with_mask_folder_and_dropped_images(tiny_root, tmp_path, capsy
     res = ke.main(argv + ["--resume"])
     assert res["with_foreground"] == 7 and res["clusters"]["5"]["miou_mean"] > 0
     assert "RANDOM-WEIGHTS BASELINE" in res["model"]
+    again = ke.main([a if a != str(tmp_path / "o") else str(tmp_path / "o2") for a in argv])
+    assert json.dumps(again["clusters"]) == json.dumps(res["clusters"])  # the same random network at every run
     # oracle foreground: background is exact wherever the dropped image has no object pixels
     assert res["clusters"]["5"]["per_class_iou_mean"]["background"] > 90
 
