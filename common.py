@@ -793,7 +793,7 @@ def confusion_matrix(pred, gt, n_classes, ignore_index=IGNORE):
     pred, gt = pred.reshape(-1).long(), gt.reshape(-1).long().to(pred.device)
     keep = gt != ignore_index
     idx = gt[keep] * n_classes + pred[keep].clamp(0, n_classes - 1)
-    return torch.bincount(idx, minlength=n_classes ** 2).reshape(n_classes, n_classes).cpu()
+    return torch.bincount(idx, minlength=n_classes ** 2).reshape(n_classes, n_classes)
 
 
 def miou_from_confusion(conf, absent="skip"):
@@ -816,8 +816,8 @@ def segmentation_loss(logits, y):
 @torch.no_grad()
 def evaluate_segmentation(predict, samples, n_classes, size, device, amp, batch_size, workers, world=None, keep=0,
                           refine=None):
-    """Score `predict` (normalised images (B, 3, size, size) → class logits at any resolution) on `samples` at each
-    label's original size: logits upsampled bilinearly to it, argmax, one confusion matrix over the whole split (each
+    """Score `predict` (normalised images (B, 3, size, size) → class logits at any resolution; in eval mode, the
+    caller's part) on `samples` at each label's original size: logits upsampled bilinearly to it, argmax, one confusion matrix over the whole split (each
     process scores every world.size-th image, then the counts are summed). refine(sample, probs (C, H, W)) → probs
     (e.g. a CRF) adds a second confusion matrix. Returns {conf, conf_refined, shown: the first `keep` (sample, label,
     prediction)}."""
@@ -835,9 +835,9 @@ def evaluate_segmentation(predict, samples, n_classes, size, device, amp, batch_
             y = y.to(device, non_blocking=True)
             lg = F.interpolate(lg[None], size=y.shape, mode="bilinear", align_corners=False)[0]
             pred = lg.argmax(0)
-            conf += confusion_matrix(pred, y, n_classes).to(device)
+            conf += confusion_matrix(pred, y, n_classes)
             if refine:
-                conf_refined += confusion_matrix(refine(samples[i], lg.softmax(0)).argmax(0), y, n_classes).to(device)
+                conf_refined += confusion_matrix(refine(samples[i], lg.softmax(0)).argmax(0), y, n_classes)
             if len(shown) < keep:
                 shown.append((samples[i], y.cpu(), pred.cpu()))
     if world.size > 1:

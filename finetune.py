@@ -231,12 +231,13 @@ def finetune_run(init, rec, cfg, split, train_samples, val_samples, n_classes, w
     ck_path, start = run_dir / "checkpoint.pth", 0
     if resume and ck_path.exists():
         ck = common.load_checkpoint(ck_path, kind="finetune")
-        if ck["run"]["iters"] != cfg.iters or "optimizer" not in ck:
+        if ck["run"]["iters"] != cfg.iters:
             raise common.UserError(f"{ck_path}: was started with --iters {ck['run']['iters']}, now {cfg.iters}; pass "
                                    "the same --iters or another --out")
         model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        step.load_state_dict(ck["train_step"])
+        if "optimizer" in ck:  # (a finished run keeps its weights only: it was killed before its score was written)
+            optimizer.load_state_dict(ck["optimizer"])
+            step.load_state_dict(ck["train_step"])
         start, step.checkpoint = ck["step"], ck_path
         common.print0(f"  resuming {ck_path} from step {start}/{cfg.iters}")
     common.print0(f"  {tag}: {len(train_samples)} labelled images, lr {rec.lr:g} / classifier {rec.head_lr:g}, "
@@ -279,6 +280,7 @@ def finetune_run(init, rec, cfg, split, train_samples, val_samples, n_classes, w
     if world.is_main:  # a finished run keeps its weights only (or nothing, with --no-keep-checkpoints)
         common.save_checkpoint(ck_path, "finetune", model=model.state_dict(), step=cfg.iters, run=run,
                                args={"arch": cfg.arch})
+    model.eval()
     ev = common.evaluate_segmentation(partial(model.layer_features, layer="head"), val_samples, n_classes, cfg.size,
                                       device, cfg.amp, per_rank, cfg.workers, world,
                                       keep=n_figures if world.is_main else 0)

@@ -395,6 +395,7 @@ def main(argv=None):
     if results is None or (args.crf and "miou_crf" not in results):
         te = time.time()
         crf = CRFRefine(device, args.n_figures if world.is_main else 0) if args.crf else None
+        probe.eval()
         ev = common.evaluate_segmentation(probe, val_samples, n_classes, args.size, device, args.amp,
                                           loader.batch_size, args.workers, world,
                                           keep=args.n_figures if world.is_main else 0, refine=crf)

@@ -136,12 +136,20 @@ def final_weights(out, name, tag):
     return common.load_checkpoint(out / name / tag / "checkpoint.pth", kind="finetune")["model"]
 
 
-def test_end_to_end_table_figure_and_resume(tiny_root, pretrain_ck, tmp_path, capsys):
+def test_end_to_end_table_figure_and_resume(tiny_root, pretrain_ck, tmp_path, capsys, monkeypatch):
+    real_evaluate, modes = common.evaluate_segmentation, []
+
+    def evaluate(predict, *a, **k):  # the fine-tuned network is scored in eval mode (no dropout, BatchNorm's stats)
+        modes.append(predict.func.__self__.training)
+        return real_evaluate(predict, *a, **k)
+
+    monkeypatch.setattr(common, "evaluate_segmentation", evaluate)
     out = tmp_path / "ft"
     common_flags = ["--checkpoint", str(pretrain_ck), "random", "--splits", "1", "--iters", "2", "--n-figures", "3"]
     table = run(tiny_root, out, *common_flags, "--fraction", "0.02", "1.0")
     printed = capsys.readouterr().out
     assert "2% (1)" in printed and "100% (12)" in printed and "maskcontrast" in printed
+    assert modes == [False] * 4
     assert set(table) == {"maskcontrast", "random"} and set(table["random"]) == {"0.02", "1"}
     saved = json.loads((out / "results.json").read_text())
     assert saved["table"]["maskcontrast"]["0.02"]["n_labeled"] == [1]
