@@ -66,7 +66,8 @@ if (out / "runs/mine_masks/summary.json").is_file():
     res["mined_prior_max_f"] = summary["stages"]["priors"]["max_f"]
 else:  # go on with the oracle masks, so that the later stages still run
     shutil.copytree(data / "saliency_oracle", data / "saliency_unsup", dirs_exist_ok=True)
-stage("pretrain", pretrain.main, ["--data-root", str(data), *sizes, "--epochs", "1", "--batch-size", str(S["batch"])])
+stage("pretrain", pretrain.main, ["--data-root", str(data), *sizes, "--batch-size", str(S["batch"]),
+                                  *(["--epochs", "1"] if cpu else [])])  # on the GPU the default 60 epochs: seconds
 ck = "runs/pretrain/checkpoint.pth"
 r = stage("linear_eval", linear_eval.main, ["--data-root", str(data), "--checkpoint", ck, "--size", str(S["net"]),
                                             "--epochs", "1", "--batch-size", str(S["batch"]), "--crf"])
