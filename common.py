@@ -192,6 +192,12 @@ def saliency_dir(root, name, mask_root=None):
     return Path(mask_root or root) / f"saliency_{name}"
 
 
+def dropped_ids(mask_folder):
+    """The ids mine_masks.py listed in MASK_FOLDER/dropped.txt (under 1 % object): images with no mask, by design."""
+    f = Path(mask_folder) / "dropped.txt"
+    return set(f.read_text().split()) if f.is_file() else set()
+
+
 def read_ids(path):
     return [s.split()[0] for s in Path(path).read_text().splitlines() if s.strip()]
 

@@ -373,7 +373,7 @@ def main(argv=None):
         if not d.is_dir():
             raise common.UserError(f"{d}: no masks (this model takes its foreground from masks); run `python "
                                    f"mine_masks.py --data-root {args.data_root}` first, or pass --saliency/--mask-root")
-        dropped = set((d / "dropped.txt").read_text().split()) if (d / "dropped.txt").is_file() else set()
+        dropped = common.dropped_ids(d)
         for s in val + bank_samples:
             s.saliency = d / f"{s.id}.png"
         missing = [s.saliency for s in val + bank_samples if not s.saliency.is_file() and s.id not in dropped]

@@ -207,7 +207,7 @@ def pretrain_samples(roots, split, saliency, mask_root=None, missing="error"):
         if not d.is_dir():
             raise common.UserError(f"{d}: no saliency masks; run `python mine_masks.py --data-root {root}` first "
                                    "(or pass --saliency / --mask-root where they are)")
-        dropped = set((d / "dropped.txt").read_text().split()) if (d / "dropped.txt").is_file() else set()
+        dropped = common.dropped_ids(d)
         for s in tqdm(samples, desc=f"checking masks in {d}", leave=False, disable=len(samples) < 500):
             if not s.image.is_file():
                 raise common.UserError(f"{s.image}: image not found (listed in split '{this_split}' of {root})")

@@ -1,3 +1,4 @@
+import contextlib
 import sys
 from pathlib import Path
 
@@ -41,6 +42,27 @@ def pretrain_ck(tmp_path_factory):
     path = tmp_path_factory.mktemp("ck") / "checkpoint.pth"
     save_checkpoint(path, "pretrain", model=model.state_dict(), args={"arch": "resnet18", "dim": 32})
     return path
+
+
+class Killed(Exception):
+    """What kill_after_first_checkpoint raises: the job "dies" right after writing its first checkpoint."""
+
+
+@contextlib.contextmanager
+def kill_after_first_checkpoint(monkeypatch):
+    """Inside the block, the first common.save_checkpoint writes its file and then kills the run (raises Killed,
+    which the block expects); after it, checkpoints are written normally again."""
+    import common
+    real_save = common.save_checkpoint
+
+    def save_then_die(path, kind, **state):
+        real_save(path, kind, **state)
+        raise Killed
+
+    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        yield
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
 
 
 def run_cli(main, argv, capsys):

@@ -10,6 +10,7 @@ from PIL import Image
 
 import common
 import finetune
+from conftest import kill_after_first_checkpoint
 
 FRACTIONS = [0.01, 0.02, 0.05, 0.125, 0.5, 1.0]
 
@@ -185,20 +186,9 @@ def test_end_to_end_table_figure_and_resume(tiny_root, pretrain_ck, tmp_path, ca
 def test_resume_continues_an_interrupted_run_exactly(tiny_root, tmp_path, capsys, monkeypatch):
     flags = ["--checkpoint", "random", "--splits", "1", "--fraction", "1.0", "--iters", "3", "--save-every", "1"]
     run(tiny_root, tmp_path / "whole", *flags)
-    real_save = common.save_checkpoint
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(path, kind, **state):
-        real_save(path, kind, **state)
-        raise Killed  # as if the job died right after its first checkpoint
-
-    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
     out = tmp_path / "ft"
-    with pytest.raises(Killed):
+    with kill_after_first_checkpoint(monkeypatch):
         run(tiny_root, out, *flags)
-    monkeypatch.setattr(common, "save_checkpoint", real_save)
     ck = common.load_checkpoint(out / "random" / "1_0" / "checkpoint.pth")
     assert ck["step"] == 1 and "optimizer" in ck and not (out / "random" / "1_0" / "result.json").exists()
     run(tiny_root, out, *flags, "--resume")

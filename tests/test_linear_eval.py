@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 import common
 import linear_eval as le
-from conftest import one_line_error
+from conftest import kill_after_first_checkpoint, one_line_error
 
 
 def _epoch(model, synth_root, frozen):
@@ -132,19 +132,8 @@ def test_resume_after_a_kill_is_exact_and_divergence_keeps_the_last_good_classif
     argv = ["--data-root", str(tiny_root), "--checkpoint", str(pretrain_ck), "--size", "32", "--epochs", "2",
             "--batch-size", "4", "--workers", "0", "--lr", "0.01", "--n-figures", "0"]
     whole = le.main(argv + ["--out", str(tmp_path / "a")])
-    real_save = common.save_checkpoint
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(path, kind, **state):
-        real_save(path, kind, **state)
-        raise Killed
-
-    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
+    with kill_after_first_checkpoint(monkeypatch):
         le.main(argv + ["--out", str(tmp_path / "b")])
-    monkeypatch.setattr(common, "save_checkpoint", real_save)
     resumed = le.main(argv + ["--out", str(tmp_path / "b"), "--resume"])
     assert resumed["miou"] == whole["miou"] and resumed["confusion"] == whole["confusion"]
     one_line_error(le.main, argv + ["--out", str(tmp_path / "b")], capsys, "holds a run already")

@@ -8,7 +8,7 @@ from PIL import Image
 
 import common
 import mine_masks as mm
-from conftest import one_line_error
+from conftest import kill_after_first_checkpoint, one_line_error
 
 TINY = ["--arch", "resnet18", "--size", "32", "--prior-size", "48", "--epochs", "1", "--batch-size", "8",
         "--workers", "0", "--grid", "2"]
@@ -178,19 +178,8 @@ def test_resume_after_a_kill_gives_the_masks_of_an_uninterrupted_run(tiny_root, 
         return maps, {p.name: p.read_bytes() for p in (tmp_path / name / "saliency_unsup").glob("*.png")}
 
     whole = run("a")
-    real_save = common.save_checkpoint
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(path, kind, **state):
-        real_save(path, kind, **state)
-        raise Killed  # as if the job died right after the first epoch's checkpoint
-
-    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
+    with kill_after_first_checkpoint(monkeypatch):
         run("b")
-    monkeypatch.setattr(common, "save_checkpoint", real_save)
     assert common.load_checkpoint(tmp_path / "w_b" / "round1.pth")["epoch"] == 1
     maps, masks = run("b", "--resume")
     assert torch.equal(maps, whole[0]) and masks == whole[1] and len(masks) > 0
