@@ -316,9 +316,12 @@ def endless(loader, sampler):
         epoch += 1
 
 
-def benchmark(model, loader, sampler, step, world, steps, channels_last, amp, compiled, peak_tflops, warmup=5):
+def benchmark(model, loader, sampler, step, world, steps, channels_last, amp, compiled, peak_tflops, warmup=5,
+              profile=None):
     """Time `steps` training steps after `warmup`: images/s, peak memory, the share of the time spent waiting for the
-    loader (each step synchronised, so that waiting is measured against finished GPU work) and the MFU."""
+    loader (each step synchronised, so that waiting is measured against finished GPU work), the MFU, and the images/s
+    of the step alone (no loader: the last batch again). With a `profile` path, 5 more steps run under torch.profiler
+    and its table of the top 30 operators by device (CPU) time goes there: what limits the step."""
     device, cuda = world.device, world.device.type == "cuda"
     warmup = min(warmup, steps)
     batches = endless(loader, sampler)
@@ -343,17 +346,39 @@ def benchmark(model, loader, sampler, step, world, steps, channels_last, amp, co
             torch.cuda.synchronize()
     total = time.perf_counter() - start
     images = steps * len(batch[0]) * world.size
+    # the step alone, on the last batch again: the GPU's ceiling for this step, whatever the loader does
+    step_start = time.perf_counter()
+    for _ in range(min(steps, 10)):
+        with common.autocast(device, amp):
+            step(model(*batch)[0])
+    if cuda:
+        torch.cuda.synchronize()
+    step_only = min(steps, 10) * len(batch[0]) * world.size / (time.perf_counter() - step_start)
     res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "steps": steps, "images_per_s": images / total,
            "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else
                                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20),
-           "data_wait_share": wait / total, "gflop_per_image": flops / len(batch[0]) / 1e9 if flops else None}
+           "data_wait_share": wait / total, "step_only_images_per_s": step_only,
+           "gflop_per_image": flops / len(batch[0]) / 1e9 if flops else None}
     if flops:
         res["tflop_per_s"] = res["gflop_per_image"] * res["images_per_s"] / 1e3
         res["mfu"] = res["tflop_per_s"] / peak_tflops if peak_tflops else None
-    common.print_table([[res["device"], res["images_per_s"], res["peak_memory_gib"], 100 * res["data_wait_share"],
-                         res.get("tflop_per_s") or "-", 100 * res["mfu"] if res.get("mfu") else "-"]],
-                       ["device", "images/s", "peak GiB" + (" (GPU)" if cuda else " (RSS)"), "data wait %",
-                        "TFLOP/s", "MFU %"])
+    if profile:
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(5):
+                batch = to_device_views(next(batches), device, channels_last)
+                with common.autocast(device, amp):
+                    step(model(*batch)[0])
+            if cuda:
+                torch.cuda.synchronize()
+        sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+        Path(profile).parent.mkdir(parents=True, exist_ok=True)
+        Path(profile).write_text(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60))
+    common.print_table([[res["device"], res["images_per_s"], res["step_only_images_per_s"], res["peak_memory_gib"],
+                         100 * res["data_wait_share"], res.get("tflop_per_s") or "-",
+                         100 * res["mfu"] if res.get("mfu") else "-"]],
+                       ["device", "images/s", "step alone", "peak GiB" + (" (GPU)" if cuda else " (RSS)"),
+                        "data wait %", "TFLOP/s", "MFU %"])
     return res
 
 
@@ -442,6 +467,8 @@ def get_args(argv=None):
                    "view pairs (per core, and the colour step on the device), write OUT/benchmark_data.json and exit")
     g.add_argument("--peak-tflops", type=frac, default=790.0, help="the GPU's bf16 matmul peak for the benchmark's "
                    "MFU (790: what an 8192³ bf16 matmul reached on an H200)")
+    g.add_argument("--profile", action="store_true", help="with --benchmark: profile 5 more steps, write the top "
+                   "operators by time to OUT/profile.txt")
     g.add_argument("--compile", action="store_true", help="torch.compile both networks")
     common.add_runtime_args(p)
     args = p.parse_args(argv)
@@ -513,7 +540,7 @@ def main(argv=None):
                             advice=f"a learning rate too high for this batch (--lr {args.lr:g})")
     if args.benchmark:
         res = benchmark(ddp_model, loader, sampler, step, world, args.benchmark, channels_last, args.amp, args.compile,
-                        args.peak_tflops)
+                        args.peak_tflops, profile=out / "profile.txt" if args.profile and world.is_main else None)
         if world.is_main:
             common.write_json(out / "benchmark.json", {**res, "args": vars(args)})
         return res

@@ -226,3 +226,18 @@ def test_bad_input_is_one_line_error(synth_root, tmp_path, capsys):
     one_line_error(mm.main, ["--data-root", str(synth_root), "--split", "val", "--mask-root", str(tmp_path / "m"),
                              "--out", str(tmp_path / "w4"), *TINY, "--rounds", "1", "--batch-size", "1"], capsys,
                    "a batch needs at least 2 images (BatchNorm)")
+
+
+def test_flip_tta_is_the_mean_of_the_image_and_its_mirror():
+    """predict_saliency runs each batch and its mirror image in one pass: the map must be the mean of the two
+    separate predictions (the mirror's flipped back), resized, as uint8."""
+    torch.manual_seed(0)
+    model = common.SegModel("resnet18").eval()
+    images = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8)
+    got = mm.predict_saliency(model, images, 32, 2, torch.device("cpu"), "bf16", 24)
+    x = common.eval_transform(32)(images)
+    with torch.no_grad():
+        p = (torch.sigmoid(model(x)[1]) + torch.sigmoid(model(x.flip(-1))[1]).flip(-1)) / 2
+    want = torch.nn.functional.interpolate(p[:, None], size=(24, 24), mode="bilinear", align_corners=False)[:, 0]
+    assert (got.float() - (want * 255).round()).abs().max() <= 1
+    assert got.float().std() > 0  # a real map, not a constant

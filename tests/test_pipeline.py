@@ -1,7 +1,6 @@
-"""The five stages in sequence with their default flags (only sizes given), as gpu_check.sh --cpu runs them, and
+"""The five stages in sequence with their default flags (only sizes given), as tools/gpu_check.py --cpu runs them, and
 the label checks every evaluation script makes before it trains."""
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -16,17 +15,14 @@ from conftest import ROOT, one_line_error
 
 
 def test_gpu_check_cpu_path_runs_the_default_sequence(tmp_path, monkeypatch, capsys):
-    """gpu_check.sh --cpu: its Python, run in this process (a fresh interpreter would import torch again; the shell
-    part is one `exec python3`, checked for syntax)."""
-    script = ROOT / "gpu_check.sh"
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    python = script.read_text().split("<<'EOF'\n", 1)[1].rsplit("\nEOF", 1)[0]
-    monkeypatch.setattr(sys, "argv", ["gpu_check.sh", "--cpu", "--out", str(tmp_path / "g")])
-    monkeypatch.chdir(ROOT)
-    with pytest.raises(SystemExit) as e:
-        exec(compile(python, str(script), "exec"), {"__name__": "__main__"})
+    """tools/gpu_check.py --cpu, in this process (a fresh interpreter would import torch again)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import gpu_check
+    monkeypatch.chdir(tmp_path)
+    ret = gpu_check.main(["--cpu", "--out", str(tmp_path / "g")])
     printed = capsys.readouterr().out
-    assert e.value.code == 0, printed[-3000:]
+    assert not ret.get("failed"), printed[-3000:]
+    assert (tmp_path / "g" / "bench_eager" / "profile.txt").read_text().count("\n") > 10  # the profiler's table
     res = json.loads((tmp_path / "g" / "gpu_check.json").read_text())
     runs = tmp_path / "g" / "runs"
     # the default sequence: mine_masks → saliency_unsup, which pretrain reads; the evaluations next to the checkpoint
