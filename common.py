@@ -14,7 +14,9 @@ import argparse
 import colorsys
 import contextlib
 import copy
+import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -59,13 +61,17 @@ def dilate(layer, d):
                 m.dilation = m.padding = (d, d)
 
 
-def dilated_resnet(arch):
-    """A torchvision ResNet with layer3 and layer4 dilated by 2 and 4 instead of strided: output stride 8 (224 → 28)."""
+def dilated_resnet(arch, output_stride=8):
+    """A torchvision ResNet whose last layers trade stride for dilation: output stride 8 (layer3 and layer4 dilated by
+    2 and 4; 224 → 28), or 16 (layer4 alone, by 2: the paper's ImageNet and MoCo baselines, supp. C/E)."""
     if arch not in ARCH_CHANNELS:
         raise UserError(f"--arch {arch}: choose one of {', '.join(ARCH_CHANNELS)}")
     net = getattr(torchvision.models, arch)(weights=None)
-    dilate(net.layer3, 2)
-    dilate(net.layer4, 4)
+    if output_stride == 8:
+        dilate(net.layer3, 2)
+        dilate(net.layer4, 4)
+    else:
+        dilate(net.layer4, 2)
     net.fc = nn.Identity()
     return net
 
@@ -75,16 +81,16 @@ class SegModel(nn.Module):
     `head_channels` (32-d pixel embeddings; class logits once fine-tuning replaces it), and `saliency_head`, a
     parallel 1×1 conv to one saliency logit per pixel."""
 
-    def __init__(self, arch="resnet50", head_channels=32, saliency_head=True):
+    def __init__(self, arch="resnet50", head_channels=32, saliency_head=True, output_stride=8):
         super().__init__()
         self.arch = arch
-        self.backbone = dilated_resnet(arch)
+        self.backbone = dilated_resnet(arch, output_stride)
         self.decoder = nn.Sequential(*list(DeepLabHead(ARCH_CHANNELS[arch], 1))[:-1])  # its last 1×1 → our heads
         self.head = nn.Conv2d(256, head_channels, 1)
         self.saliency_head = nn.Conv2d(256, 1, 1, bias=False) if saliency_head else None
 
     def backbone_features(self, x):
-        """The dilated ResNet's last layer (2048-d for ResNet-50), stride 8."""
+        """The dilated ResNet's last layer (2048-d for ResNet-50), stride 8 (or 16)."""
         b = self.backbone
         x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
         return b.layer4(b.layer3(b.layer2(b.layer1(x))))
@@ -119,9 +125,12 @@ class SegModel(nn.Module):
 
 def load_backbone_weights(net, spec, arch):
     """Initialise a dilated ResNet from `spec`: 'random'; 'imagenet' (torchvision's V1 ImageNet classifier, as the
-    release) or 'imagenet-v2' (both need a network); a torchvision state-dict file; or a MoCo v2 checkpoint (keys
-    under module.encoder_q.). fc is dropped; any other missing or unexpected key refuses the file. Returns a line
-    saying what was loaded."""
+    release) or 'imagenet-v2' (both need a network); a torchvision state-dict file; or a MoCo v2 checkpoint as
+    main_moco.py saves it (its query encoder, keys under module.encoder_q.; the key encoder and the queue are left).
+    fc (a classifier, or MoCo's MLP head) is dropped. BatchNorm's num_batches_tracked may be missing, as in files
+    saved before PyTorch 0.4.1 (torchvision's V1 resnet50-19c8e357.pth): torch.nn.BatchNorm2d fills it in, as when
+    PyTorch loads such a file. Any other missing or unexpected key refuses the file. Returns a line saying what was
+    loaded."""
     if spec in (None, "", "random"):
         return "backbone: random init"
     if spec in TORCHVISION_WEIGHTS:
@@ -148,7 +157,7 @@ def load_backbone_weights(net, spec, arch):
     sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
     own = net.state_dict()
     bad_shape = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in sd and not k.startswith("fc.")]
+    missing = [k for k in own if k not in sd and not k.startswith("fc.") and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
     if bad_shape or missing or unexpected:
         raise UserError(f"{spec}: does not fit {arch} (missing {len(missing)} keys e.g. {missing[:2]}, unexpected "
@@ -532,10 +541,11 @@ def seg_train_transform(size, scale=(0.75, 1.25), degrees=5, border_label=0):
     ])
 
 
-def eval_transform(size):
-    """Evaluation: the image resized to size×size (labels stay at their original size, predictions go back to it)."""
+def eval_transform(size, resize="bicubic"):
+    """Evaluation: the image resized to size×size (labels stay at their original size, predictions go back to it):
+    bicubic without antialiasing is the release's OpenCV INTER_CUBIC; 'bilinear' is antialiased."""
     return v2.Compose([
-        v2.Resize((size, size), antialias=True),
+        v2.Resize((size, size), interpolation=v2.InterpolationMode[resize.upper()], antialias=resize == "bilinear"),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
@@ -821,14 +831,16 @@ def segmentation_loss(logits, y):
 
 @torch.no_grad()
 def evaluate_segmentation(predict, samples, n_classes, size, device, amp, batch_size, workers, world=None, keep=0,
-                          refine=None):
+                          refine=None, resize="bicubic"):
     """Score `predict` (normalised images (B, 3, size, size) → class logits at any resolution; in eval mode, the
-    caller's part) on `samples` at each label's original size: logits upsampled bilinearly to it, argmax, one confusion matrix over the whole split (each
+    caller's part) on `samples` resized to size² (`resize` interpolation) and scored at each label's original size:
+    logits upsampled bilinearly to it, argmax, one confusion matrix over the whole split (each
     process scores every world.size-th image, then the counts are summed). refine(sample, probs (C, H, W)) → probs
     (e.g. a CRF) adds a second confusion matrix. Returns {conf, conf_refined, shown: the first `keep` (sample, label,
     prediction)}."""
     world = world or World(device=device)
-    ds = torch.utils.data.Subset(SegDataset(samples, eval_transform(size)), range(world.rank, len(samples), world.size))
+    ds = torch.utils.data.Subset(SegDataset(samples, eval_transform(size, resize)),
+                                 range(world.rank, len(samples), world.size))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
                                          collate_fn=collate_keep_labels, pin_memory=device.type == "cuda")
     conf = torch.zeros(n_classes, n_classes, dtype=torch.long, device=device)
@@ -861,16 +873,45 @@ def add_checkpoint_arg(g, many=False):
                    "state-dict file as its backbone")
     g.add_argument("--arch", default=None, help="architecture of a baseline (default resnet50); a checkpoint's own "
                    "arch is used, and a different --arch is refused")
+    g.add_argument("--output-stride", type=int, default=8, choices=[8, 16], help="8: layer3 and layer4 dilated (as "
+                   "pretrained); 16: layer4 alone, as the paper evaluates the ImageNet and MoCo baselines")
+    g.add_argument("--resize", default="bicubic", choices=["bicubic", "bilinear"], help="interpolation of the images "
+                   "resized to --size for scoring (released: bicubic)")
 
 
-def load_model(spec, arch):
+# The layers each kind of network has trained: an evaluation of another layer would score random weights.
+TRAINED_LAYERS = {"pretrain": ("backbone", "decoder", "head"), "saliency": ("backbone", "decoder"),
+                  "baseline": ("backbone",)}
+
+
+def check_trained(kind, features, spec):
+    """Refuse to read a layer that `spec` never trained, naming the flag to use instead."""
+    if features not in TRAINED_LAYERS[kind]:
+        why = ("a baseline's decoder and head are freshly initialised" if kind == "baseline" else
+               "mine_masks.py trains the saliency head, not the embedding head")
+        raise UserError(f"--features {features}: {spec} never trained that layer ({why}); use --features "
+                        f"{TRAINED_LAYERS[kind][-1]}" + (" --output-stride 16, the paper's baseline protocol"
+                                                         if kind == "baseline" else ""))
+
+
+def fingerprint(state):
+    """16 hex digits hashing a state dict's names and values: which network a result was computed from. Every
+    evaluation records it and compares it before it reuses a stored result or resumes a run."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, t in sorted(state.items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_model(spec, arch, output_stride=8):
     """The network a --checkpoint names: (model, kind, a line saying what it is). A pretrain.py or mine_masks.py
     checkpoint gives its SegModel; anything else is a baseline — a fresh SegModel of `arch` without saliency head
     whose backbone is random, torchvision's ImageNet classifier or a backbone state-dict file — and says so."""
     ck = None if spec == "random" or spec in TORCHVISION_WEIGHTS else torch_load(spec)
     if not (isinstance(ck, dict) and "kind" in ck and "model" in ck):
         arch = arch or "resnet50"
-        model = SegModel(arch, saliency_head=False)
+        model = SegModel(arch, saliency_head=False, output_stride=output_stride)
         report = load_backbone_weights(model.backbone, spec, arch)
         what = "a RANDOM-WEIGHTS BASELINE" if spec == "random" else f"a BASELINE with backbone {spec}"
         return model, "baseline", f"scoring {what}: a fresh {arch} SegModel, {report}"
@@ -881,7 +922,7 @@ def load_model(spec, arch):
     own = ck["args"].get("arch")
     if arch and own and arch != own:
         raise UserError(f"{spec}: holds a {own} model but --arch says {arch}; drop --arch or pass a {arch} checkpoint")
-    model = model_from_checkpoint(ck, spec)
+    model = model_from_checkpoint(ck, spec, output_stride)
     return model, ck["kind"], f"{ck['kind']} checkpoint {spec} ({model.arch}, epoch {ck.get('epoch', '?')})"
 
 
@@ -925,14 +966,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._format_action(action)
 
 
-def _number(kind, low, what):
+def _number(kind, low, what, high=None):
     def parse(s):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-        if not (v > low if what == ">" else v >= low):
-            raise argparse.ArgumentTypeError(f"{s} must be {what} {low}")
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{s} is not a finite number")
+        if not (v > low if what == ">" else v >= low) or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"{s} must be {what} {low}" + (f" and <= {high}" if high else ""))
         return v
     return parse
 
@@ -941,6 +984,8 @@ positive_int = _number(int, 0, ">")
 nonnegative_int = _number(int, 0, ">=")
 positive_float = _number(float, 0, ">")
 nonnegative_float = _number(float, 0, ">=")
+probability = _number(float, 0, ">=", high=1)  # a probability, a momentum, a share of an image
+real_number = _number(float, -math.inf, ">")  # any finite number, e.g. a logit
 
 
 def add_runtime_args(p):
@@ -1227,12 +1272,13 @@ def load_checkpoint(path, kind=None):
     return check_checkpoint(torch_load(path), path, kind)
 
 
-def model_from_checkpoint(ck, path="checkpoint"):
+def model_from_checkpoint(ck, path="checkpoint", output_stride=8):
     """Rebuild the SegModel a checkpoint holds (arch from its args, heads from its weights) and load it strictly."""
     sd, arch = ck["model"], ck["args"].get("arch", "resnet50")
     if "head.weight" not in sd:
         raise UserError(f"{path}: holds no SegModel weights")
-    model = SegModel(arch, sd["head.weight"].shape[0], saliency_head="saliency_head.weight" in sd)
+    model = SegModel(arch, sd["head.weight"].shape[0], saliency_head="saliency_head.weight" in sd,
+                     output_stride=output_stride)
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:

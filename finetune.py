@@ -133,9 +133,9 @@ def resolve_inits(specs, names, arch):
     return inits
 
 
-def build_model(init, arch, n_classes):
+def build_model(init, arch, n_classes, output_stride=8):
     """SegModel with a fresh classifier head; backbone (+ decoder for our checkpoints) from the initialisation."""
-    model = common.SegModel(arch, n_classes, saliency_head=False)
+    model = common.SegModel(arch, n_classes, saliency_head=False, output_stride=output_stride)
     if init.kind == "backbone":
         report = common.load_backbone_weights(model.backbone, init.spec, arch)
     else:
@@ -203,6 +203,8 @@ class RunConfig:
     workers: int
     amp: str
     seed: int
+    output_stride: int = 8
+    resize: str = "bicubic"
 
 
 def finetune_run(init, rec, cfg, split, train_samples, val_samples, n_classes, world, run_dir, resume, tag,
@@ -213,7 +215,16 @@ def finetune_run(init, rec, cfg, split, train_samples, val_samples, n_classes, w
     device = world.device
     # ========================================================================================================= model
     common.seed_all(cfg.seed, split)  # the same seed for every init and fraction of a split: paired comparisons
-    model, report = build_model(init, cfg.arch, n_classes)
+    model, report = build_model(init, cfg.arch, n_classes, cfg.output_stride)
+    init_weights = common.fingerprint(model.state_dict())  # the network this run starts from, fresh classifier too
+    done = run_dir / "result.json"
+    if resume and done.exists():  # finished earlier: its score stands only for the same starting network
+        result = json.loads(done.read_text())
+        if result.get("init_weights") != init_weights:
+            raise common.UserError(f"{done}: was fine-tuned from network {result.get('init_weights')}, but "
+                                   f"{init.spec} now gives network {init_weights}; pass another --out")
+        common.print0(f"  {tag}: finished earlier, skipped (mIoU {result['miou']:.2f})")
+        return result
     model.to(device)
     ddp_model = model
     if world.size > 1:
@@ -231,6 +242,9 @@ def finetune_run(init, rec, cfg, split, train_samples, val_samples, n_classes, w
     ck_path, start = run_dir / "checkpoint.pth", 0
     if resume and ck_path.exists():
         ck = common.load_checkpoint(ck_path, kind="finetune")
+        if ck["run"].get("init_weights") != init_weights:
+            raise common.UserError(f"{ck_path}: started from network {ck['run'].get('init_weights')}, but "
+                                   f"{init.spec} now gives network {init_weights}; pass another --out")
         if ck["run"]["iters"] != cfg.iters:
             raise common.UserError(f"{ck_path}: was started with --iters {ck['run']['iters']}, now {cfg.iters}; pass "
                                    "the same --iters or another --out")
@@ -248,7 +262,8 @@ def finetune_run(init, rec, cfg, split, train_samples, val_samples, n_classes, w
     sampler.set_epoch(0, start=start * per_rank)
     loader = DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers, drop_last=True,
                         pin_memory=device.type == "cuda", generator=torch.Generator())
-    run = dict(init=init.spec, name=init.name, iters=cfg.iters, n_labeled=len(train_samples), **vars(rec))
+    run = dict(init=init.spec, name=init.name, init_weights=init_weights, iters=cfg.iters,
+               n_labeled=len(train_samples), **vars(rec))
     # ========================================================================================================== loop
     t0, loss_sum = time.time(), torch.zeros((), device=device)
     bar = tqdm(total=cfg.iters, initial=start, desc=tag, disable=not world.is_main, leave=False)
@@ -282,10 +297,11 @@ def finetune_run(init, rec, cfg, split, train_samples, val_samples, n_classes, w
                                args={"arch": cfg.arch})
     model.eval()
     ev = common.evaluate_segmentation(partial(model.layer_features, layer="head"), val_samples, n_classes, cfg.size,
-                                      device, cfg.amp, per_rank, cfg.workers, world,
-                                      keep=n_figures if world.is_main else 0)
+                                      device, "none", per_rank, cfg.workers, world,  # scored in fp32, as the LC
+                                      keep=n_figures if world.is_main else 0, resize=cfg.resize)
     miou, iou = common.miou_from_confusion(ev["conf"])
-    result = dict(init=init.name, init_spec=init.spec, n_labeled=len(train_samples), iters=cfg.iters, **vars(rec),
+    result = dict(init=init.name, init_spec=init.spec, init_weights=init_weights, n_labeled=len(train_samples),
+                  iters=cfg.iters, output_stride=cfg.output_stride, **vars(rec),
                   miou=miou, iou=[None if math.isnan(v) else v for v in iou.tolist()],
                   final_loss=float(loss_sum) / min(20, cfg.iters - start) if cfg.iters > start else None,
                   train_seconds=train_s, eval_seconds=time.time() - t0 - train_s, device=str(device),
@@ -321,6 +337,8 @@ def save_figure(inits, samples, out, fraction, tile=160):
                 return None  # that run kept no predictions (e.g. split 0 of this fraction was not run)
             row.append(common.colorize(common.read_label(p)))
         tiles += row
+    if not tiles:  # --n-figures 0
+        return None
     path = out / f"finetune_{fraction:g}.png"
     common.save_grid(tiles, path, ncol=2 + len(names), size=tile)
     return path
@@ -357,7 +375,7 @@ def get_args(argv=None):
     g.add_argument("--low-data-recipe", default="maskcontrast", choices=["maskcontrast", "all", "none"],
                    help="which inits get the low-data recipe (lrs above + frozen BatchNorm statistics); paper: "
                    "MaskContrast only")
-    g.add_argument("--momentum", type=common.nonnegative_float, default=0.9)
+    g.add_argument("--momentum", type=common.probability, default=0.9, help="SGD momentum")
     g.add_argument("--wd", type=common.nonnegative_float, default=1e-4)
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/finetune", help="output folder")
@@ -391,7 +409,7 @@ def main(argv=None):
     if world.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     cfg = RunConfig(args.arch, args.size, args.iters, args.batch_size, args.momentum, args.wd, args.save_every,
-                    args.keep_checkpoints, args.workers, args.amp, args.seed)
+                    args.keep_checkpoints, args.workers, args.amp, args.seed, args.output_stride, args.resize)
 
     # =========================================================================================================== data
     train_split = common.train_split(args.data_root, args.train_split)
@@ -422,11 +440,6 @@ def main(argv=None):
             rec = recipe(init, f, args.lr, args.low_lr, args.low_head_lr, args.low_fraction, args.low_data_recipe)
             for s in range(args.splits):
                 run_dir = out / init.name / fraction_tag(f, s)
-                if (run_dir / "result.json").exists():  # prepare_out let this through: --resume
-                    results[(init.name, f, s)] = json.loads((run_dir / "result.json").read_text())
-                    common.print0(f"  {init.name} {f:g} split {s}: finished earlier, skipped "
-                                  f"(mIoU {results[(init.name, f, s)]['miou']:.2f})")
-                    continue
                 subset = [train_samples[index[i]] for i in subsets[(f, s)]]
                 figures = args.n_figures if f == args.fraction[0] and s == 0 else 0
                 results[(init.name, f, s)] = finetune_run(init, rec, cfg, s, subset, val_samples, n_classes, world,

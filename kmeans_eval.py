@@ -8,7 +8,9 @@ overclustering (Table 4) — and scored with mIoU at each image's original size:
 As released (the README's table lists every difference): the prototype is the 32-d head output weighted by the raw
 saliency logit where it is above 0.5, summed, L2-normalised; PCA whitening to 32 dimensions first; --clusters 21 on
 VOC = 20 K-Means clusters + background; an image without foreground keeps a zero prototype in PCA and K-Means; the
-mean IoU is over all classes, an absent one counting 0.
+mean IoU is over all classes, an absent one counting 0; images resized to 512² bicubic, the foreground thresholded
+there and resized nearest to each label, all in fp32. --cluster pixels clusters every pixel's features instead
+(background included): the paper's protocol for the ImageNet and MoCo baselines.
 
 Retrieval (--retrieval-split, released: train): the prototypes of a labelled split, each labelled with the majority
 class inside its foreground; every val image takes its nearest (cosine) train prototype's class on its foreground. On
@@ -17,8 +19,10 @@ VOC also the released 7-class variant (aeroplane, bottle, bus, car, cat, cow, pe
 Commands
   python kmeans_eval.py --data-root VOC --checkpoint runs/pretrain/checkpoint.pth                  # Table 3b, Fig. 4
   python kmeans_eval.py --data-root VOC --checkpoint runs/pretrain/checkpoint.pth --clusters 21 50 100 200 500  # T. 4
-  python kmeans_eval.py --data-root VOC --checkpoint random --arch resnet50    # random weights, mined masks as the
-                                                                               # foreground (no saliency head)
+  python kmeans_eval.py --data-root VOC --checkpoint random --features backbone   # random weights, the mined masks
+                                                                                  # as foreground (no saliency head)
+  # Table 3b's baselines as the paper ran them (supp. E): every pixel's backbone features, output stride 16
+  python kmeans_eval.py --data-root VOC --checkpoint imagenet --features backbone --output-stride 16 --cluster pixels
 Outputs in --out (default: next to the checkpoint): kmeans_eval.json (mIoU per seed, mean ± std, per-class IoU per
 cluster count; retrieval), kmeans_val.png (image | ground truth | clusters matched to classes), retrieval.png (each
 query and its top-5 train neighbours), prototypes.pt (reused by --resume).
@@ -26,6 +30,7 @@ query and its top-5 train neighbours), prototypes.pt (reused by --resume).
 import argparse
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,14 +76,19 @@ def match_clusters(pred, gt, n_clusters, n_classes, ignore_index=common.IGNORE):
 # PCA and K-Means in torch (on the GPU when there is one)
 # ======================================================================================================================
 
-def pca_whiten(x, dim):
-    """Project centred rows of x on their top `dim` principal axes, each scaled to unit variance (sklearn's whiten)."""
-    x = x - x.mean(0)
-    _, s, vh = torch.linalg.svd(x, full_matrices=False)
+def pca_fit(x, dim):
+    """(mean, W) such that (rows − mean) @ W are the rows' coordinates on their top `dim` principal axes, each scaled
+    to unit variance (sklearn's whiten)."""
+    mean = x.mean(0)
+    _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
     keep = min(dim, int((s > s[0] * 1e-6).sum())) if s.numel() and s[0] > 0 else 0
-    if keep == 0:
-        return x[:, :0]
-    return x @ vh[:keep].T / (s[:keep] / math.sqrt(max(len(x) - 1, 1)))
+    return mean, vh[:keep].T / (s[:keep] / math.sqrt(max(len(x) - 1, 1)))
+
+
+def pca_whiten(x, dim):
+    """The rows of x PCA-whitened to `dim` dimensions."""
+    mean, w = pca_fit(x, dim)
+    return (x - mean) @ w
 
 
 def kmeans_pp(x, k, gen):
@@ -129,6 +139,17 @@ def kmeans(x, k, seed, restarts=10, iters=300):
 # Prototypes
 # ======================================================================================================================
 
+@dataclass
+class Reader:
+    """How the images reach the network: resized to size² (interpolation `resize`), in batches, on `device`."""
+    size: int
+    resize: str
+    batch_size: int
+    workers: int
+    device: torch.device
+    amp: str
+
+
 class ProtoDataset(common.SegDataset):
     """An eval sample plus its foreground mask from a saliency folder (at the label's size), when one is used."""
 
@@ -150,20 +171,22 @@ def collate(batch):
 
 
 @torch.no_grad()
-def extract_prototypes(model, samples, features, threshold, size, batch_size, workers, device, amp, n_classes,
-                       keep=0):
+def extract_prototypes(model, samples, reader, features, threshold, n_classes, keep=0, fg_resize="nearest"):
     """One prototype per image and, for scoring without re-reading anything, per-image histograms of the ground-truth
     classes inside and outside its foreground. The foreground is the saliency head's (logit > threshold; the
     prototype weighted by the logit, as released) or, when the samples carry mask paths, the mask's (a plain mean).
-    Returns {protos (N, D), has_fg (N,), fg_hist / bg_hist (N, C), shown: the first `keep` (index, label,
-    foreground), img_per_s}."""
-    loader = DataLoader(ProtoDataset(samples, common.eval_transform(size)), batch_size=batch_size,
-                        num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda")
+    The head's foreground goes to each label's size thresholded then nearest (released) or, with fg_resize
+    'bilinear', as upsampled logits then thresholded. Returns {protos (N, D), has_fg (N,), fg_hist / bg_hist (N, C),
+    shown: the first `keep` (index, label, foreground), img_per_s}."""
+    device = reader.device
+    loader = DataLoader(ProtoDataset(samples, common.eval_transform(reader.size, reader.resize)),
+                        batch_size=reader.batch_size, num_workers=reader.workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda")
     protos, has_fg, fg_hist, bg_hist, shown = [], [], [], [], []
     t0 = time.time()
     for x, ys, ms, idx in tqdm(loader, desc=f"prototypes {samples[0].image.parent.parent.name}", leave=False):
         x = x.to(device, non_blocking=True)
-        with common.autocast(device, amp):
+        with common.autocast(device, reader.amp):
             if features == "head" and ms[0] is None:
                 emb, logit = model(x)  # both upsampled to the input size, as the release does
             else:
@@ -185,6 +208,9 @@ def extract_prototypes(model, samples, features, threshold, size, batch_size, wo
                 fg = torch.zeros_like(y, dtype=torch.bool)
             elif ms[j] is not None:
                 fg = ms[j]
+            elif fg_resize == "nearest":  # thresholded at the input size, then resized (OpenCV's INTER_NEAREST)
+                fg = F.interpolate((logit[j] > threshold).float()[None, None], size=y.shape, mode="nearest")[0, 0]
+                fg = fg.cpu() > 0
             else:
                 fg = F.interpolate(logit[j][None, None], size=y.shape, mode="bilinear",
                                    align_corners=False)[0, 0].cpu() > threshold
@@ -233,6 +259,73 @@ def run_clustering(x, clustered, has_fg, fg_hist, bg_hist, n_total, seeds, resta
     return out
 
 
+@dataclass
+class Clustering:
+    """K-Means as every setting runs it: one run per seed, each the best of `restarts`, after PCA whitening."""
+    seeds: list
+    restarts: int = 10
+    iters: int = 300
+    pca_dim: int = 32
+    absent: str = "zero"
+
+
+@torch.no_grad()
+def pixel_features(model, samples, reader, features):
+    """(per-pixel features N×D×h×w, L2-normalised, at the layer's stride; labels; indices), batch by batch."""
+    loader = DataLoader(common.SegDataset(samples, common.eval_transform(reader.size, reader.resize)),
+                        batch_size=reader.batch_size, num_workers=reader.workers,
+                        collate_fn=common.collate_keep_labels, pin_memory=reader.device.type == "cuda")
+    for x, ys, idx in tqdm(loader, desc="pixel features", leave=False):
+        with common.autocast(reader.device, reader.amp):
+            f = model.layer_features(x.to(reader.device, non_blocking=True), features)
+        yield F.normalize(f.float(), dim=1), ys, idx
+
+
+def pixel_kmeans(model, samples, reader, features, clusters, kc, n_classes, fit_pixels, keep=0):
+    """The paper's K-Means of the backbone baselines (supp. E): K-Means on per-pixel features — fitted on
+    `fit_pixels` random pixels of each image, PCA-whitened like the prototypes — then every pixel of every image
+    assigned to its nearest centre, the assignment map upsampled (nearest) to the label's size, and the clusters
+    matched to all classes, background included (Hungarian; majority vote when overclustering). Two passes over the
+    images, so that no feature map is kept. Returns {n_total: [per seed {seed, miou, iou, mapping}]} and the first
+    `keep` (index, label, prediction) of the first setting's first seed."""
+    gen = torch.Generator().manual_seed(kc.seeds[0])
+    fit = []
+    for f, _, _ in pixel_features(model, samples, reader, features):  # pass 1: the pixels K-Means is fitted on
+        f = f.flatten(2).transpose(1, 2)  # N×hw×D
+        pick = torch.rand(f.shape[:2], generator=gen).argsort(1)[:, :fit_pixels].to(f.device)
+        fit.append(f.gather(1, pick[..., None].expand(-1, -1, f.shape[2])).flatten(0, 1))
+    fit = torch.cat(fit)
+    if kc.pca_dim:
+        mean, w = pca_fit(fit, kc.pca_dim)
+    else:
+        mean, w = torch.zeros_like(fit[0]), torch.eye(fit.shape[1], device=fit.device)
+    fit = (fit - mean) @ w
+    settings = [(k, s) for k in clusters if k <= len(fit) for s in kc.seeds]
+    centres = {(k, s): kmeans(fit, k, s, kc.restarts, kc.iters)[1] for k, s in settings}
+    conf = {ks: torch.zeros(ks[0], n_classes, dtype=torch.long) for ks in settings}
+    shown = []
+    for f, ys, idx in pixel_features(model, samples, reader, features):  # pass 2: every pixel assigned
+        z = (f.permute(0, 2, 3, 1) - mean) @ w  # N×h×w×d
+        for ks in settings:
+            assign = torch.cdist(z.flatten(1, 2), centres[ks][None]).argmin(-1).view(z.shape[:3])
+            for j, y in enumerate(ys):
+                a = F.interpolate(assign[j][None, None].float(), size=y.shape, mode="nearest")[0, 0].long().cpu()
+                valid = y != common.IGNORE
+                conf[ks] += torch.bincount(a[valid] * n_classes + y[valid].long(),
+                                           minlength=ks[0] * n_classes).view(ks[0], n_classes)
+                if ks == settings[0] and len(shown) < keep:
+                    shown.append((int(idx[j]), y, a))
+    runs = {}
+    for k, s in settings:
+        mapping = match_from_confusion(conf[(k, s)])
+        miou, iou = score(conf[(k, s)], mapping, n_classes, kc.absent)
+        runs.setdefault(k, []).append({"seed": s, "miou": miou, "iou": iou, "mapping": mapping})
+    if shown:
+        first = runs[settings[0][0]][0]["mapping"]
+        shown = [(i, y, first[a]) for i, y, a in shown]
+    return runs, shown, len(fit)
+
+
 def retrieval(bank, query, n_classes, classes=None, absent="skip"):
     """Each query image takes the class of its nearest bank prototype (cosine) on its foreground; a bank image's class
     is the majority class in its foreground (a tie goes to the larger class id, as released). `classes`: only these
@@ -265,11 +358,11 @@ def retrieval(bank, query, n_classes, classes=None, absent="skip"):
 # Pictures
 # ======================================================================================================================
 
-def save_cluster_figure(samples, shown, ids, mapping, path, tile=160):
-    """One row per image: image | ground truth | its foreground painted with its cluster's matched class."""
+def save_cluster_figure(samples, shown, path, tile=160):
+    """One row per image: image | ground truth | clusters painted with their matched classes; `shown` holds
+    (index, label, prediction)."""
     tiles = []
-    for i, y, fg in shown:
-        pred = torch.where(fg, mapping[ids[i]], mapping[0])
+    for i, y, pred in shown:
         tiles += [common.read_image(samples[i].image), common.colorize(y), common.colorize(pred)]
     if tiles:
         common.save_grid(tiles, path, ncol=3, size=tile)
@@ -289,6 +382,37 @@ def save_retrieval_figure(query_samples, bank_samples, neighbours, has_fg, path,
         rows += 1
     if tiles:
         common.save_grid(tiles, path, ncol=6, size=tile)
+
+
+def summarise_runs(results, runs, clusters, n_classes, names, n_points):
+    """Fill results["clusters"] with each setting's mIoU per seed, mean ± std and per-class IoU; a setting that did
+    not run is marked skipped; overclustering with few points a cluster (`n_points`, the prototypes) carries a
+    warning. Returns the printed table's rows."""
+    rows = []
+    for n_total in clusters:
+        key = str(n_total)
+        if n_total not in runs:
+            print(f"--clusters {n_total}: skipped (too few points to cluster, or fewer than 2 clusters)")
+            results["clusters"][key] = {"skipped": "too few points"}
+            continue
+        m = torch.tensor([r["miou"] for r in runs[n_total]])
+        std = float(m.std()) if len(m) > 1 else 0.0
+        results["clusters"][key] = {
+            "matching": "hungarian" if n_total <= n_classes else "majority",
+            "seeds": [r["seed"] for r in runs[n_total]],
+            "miou_per_seed": m.tolist(), "miou_mean": float(m.mean()), "miou_std": std,
+            "per_class_iou_mean": dict(zip(names, torch.stack([r["iou"] for r in runs[n_total]]).nanmean(0).tolist()))}
+        label = f"K-Means {n_total}"
+        if n_points and n_total > n_classes and n_total - 1 > n_points / 10:
+            # a cluster of a few images takes their majority class: the labels, not the features, do the work
+            warning = (f"{n_total - 1} clusters for {n_points} prototypes ({n_points / (n_total - 1):.1f} images a "
+                       "cluster): majority voting over so few images is close to a supervised labelling, which "
+                       "even random weights score well on; read this row as an upper bound, not as clustering")
+            print(f"warning: {warning}")
+            results["clusters"][key]["warning"] = warning
+            label += " (!)"
+        rows.append((label, results["clusters"][key]["matching"], float(m.mean()), std))
+    return rows
 
 
 # ======================================================================================================================
@@ -311,9 +435,18 @@ def get_args(argv=None):
     g.add_argument("--features", default="head", choices=["head", "decoder", "backbone"],
                    help="the layer read: head = the D-dim embedding (the paper's), decoder = the 256-d DeepLab-v3 "
                    "output, backbone = the dilated ResNet's last layer")
-    g.add_argument("--threshold", type=float, default=0.5, help="foreground = saliency logit above this (released)")
+    g.add_argument("--logit-threshold", type=common.real_number, default=0.5, help="foreground = the saliency head's "
+                   "logit (not a probability) above this (released: 0.5, i.e. probability 0.62)")
+    g.add_argument("--fg-resize", default="nearest", choices=["nearest", "bilinear"], help="the head's foreground "
+                   "at each label's size: thresholded at --size² then resized nearest (released), or the logits "
+                   "resized bilinearly then thresholded")
     g.add_argument("--batch-size", type=pos, default=16)
     g = p.add_argument_group("clustering")
+    g.add_argument("--cluster", default="objects", choices=["objects", "pixels"], help="objects: one prototype per "
+                   "image over its foreground (MaskContrast's protocol); pixels: every pixel's features, background "
+                   "included (the paper's protocol for the backbone baselines, supp. E)")
+    g.add_argument("--fit-pixels", type=pos, default=100, help="--cluster pixels: random pixels per image that K-Means "
+                   "is fitted on (every pixel is then assigned)")
     g.add_argument("--clusters", type=pos, nargs="+", default=None, help="clusters incl. the background one; "
                    "default = number of classes (Hungarian); more = overclustering (majority vote), e.g. 21 50 100 "
                    "200 500")
@@ -334,7 +467,7 @@ def get_args(argv=None):
     g.add_argument("--n-figures", type=common.nonnegative_int, default=8,
                    help="val images shown in kmeans_val.png and retrieval.png")
     common.add_runtime_args(p)
-    p.set_defaults(seed=1234)  # the released seeds are 1234..1238
+    p.set_defaults(seed=1234, amp="none")  # the released seeds are 1234..1238; it scores in fp32
     return p.parse_args(argv)
 
 
@@ -346,7 +479,8 @@ def main(argv=None):
     device = common.setup_world(args.device).device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    out = Path(args.out or common.default_eval_out(args.checkpoint, args.arch, f"kmeans_{args.features}"))
+    what = f"kmeans_{args.features}" + ("_pixels" if args.cluster == "pixels" else "")
+    out = Path(args.out or common.default_eval_out(args.checkpoint, args.arch, what))
 
     # =========================================================================================================== data
     val = common.list_samples(args.data_root, args.val_split, labels=True)
@@ -360,13 +494,35 @@ def main(argv=None):
 
     # ========================================================================================================== model
     common.seed_all(args.seed)  # a random-weights baseline is the same network at every run
-    model, _, desc = common.load_model(args.checkpoint, args.arch)
+    model, kind, desc = common.load_model(args.checkpoint, args.arch, args.output_stride)
+    common.check_trained(kind, args.features, args.checkpoint)
+    weights = common.fingerprint(model.state_dict())
     model = model.to(device).eval().requires_grad_(False)
+    reader = Reader(args.size, args.resize, args.batch_size, args.workers, device, args.amp)
+    kc = Clustering([args.seed + i for i in range(args.n_seeds)], args.restarts, args.iters, args.pca_dim,
+                    args.absent_classes)
+    results = {"model": desc, "checkpoint": str(args.checkpoint), "weights": weights, "features": args.features,
+               "cluster": args.cluster, "output_stride": args.output_stride, "resize": args.resize, "amp": args.amp,
+               "images": len(val), "classes": names, "clusters": {}, "args": vars(args)}
+    if args.cluster == "pixels":
+        print(f"{desc} (network {weights}); {args.features} features of every pixel; {len(val)} {args.val_split} "
+              f"images, {n_classes} classes; device {device}")
+        t = time.time()
+        runs, shown, n_fit = pixel_kmeans(model, val, reader, args.features, clusters, kc, n_classes,
+                                          args.fit_pixels, keep=args.n_figures)
+        rows = summarise_runs(results, runs, clusters, n_classes, names, n_points=None)
+        if shown:
+            save_cluster_figure(val, shown, out / "kmeans_val.png")
+        results.update({"fit_pixels": n_fit, "kmeans_s": time.time() - t})
+        common.write_json(out / "kmeans_eval.json", results)
+        common.print_table(rows, ["protocol", "matching", "mIoU %", "std"])
+        print(f"pixel K-Means fitted on {n_fit} pixels × {len(kc.seeds)} seeds → {out / 'kmeans_eval.json'}")
+        return results
     head = model.saliency_head is not None and args.features == "head"
     if args.foreground == "head" and not head:
         raise common.UserError(f"--foreground head: {args.checkpoint} has no saliency head to read with --features "
                                f"{args.features}; use --foreground masks (written by mine_masks.py)")
-    fg_from = f"saliency head (logit > {args.threshold})"
+    fg_from = f"saliency head (logit > {args.logit_threshold}, {args.fg_resize} to the label)"
     if args.foreground == "masks" or not head:  # the foreground from the masks mine_masks.py wrote
         d = common.saliency_dir(args.data_root, args.saliency, args.mask_root)
         fg_from = f"masks {d}"
@@ -382,29 +538,38 @@ def main(argv=None):
                                    f"mine_masks.py on {args.data_root} first")
         if dropped:
             print(f"{len(dropped)} images listed in {d / 'dropped.txt'} count as having no foreground")
-    print(f"{desc}; {args.features} features; foreground from {fg_from}; {len(val)} {args.val_split} images, "
-          f"{n_classes} classes; device {device}")
+    print(f"{desc} (network {weights}); {args.features} features; foreground from {fg_from}; {len(val)} "
+          f"{args.val_split} images, {n_classes} classes; device {device}")
 
     # ===================================================================================================== prototypes
     t = time.time()
-    config = {"checkpoint": str(args.checkpoint), "features": args.features, "foreground": fg_from,
-              "size": args.size, "threshold": args.threshold, "ids": [s.id for s in val],
-              "bank": [s.id for s in bank_samples], "n_classes": n_classes}
+    config = {"checkpoint": str(args.checkpoint), "weights": weights, "features": args.features,
+              "output_stride": args.output_stride, "foreground": fg_from, "size": args.size, "resize": args.resize,
+              "amp": args.amp, "ids": [s.id for s in val], "bank": [s.id for s in bank_samples],
+              "n_classes": n_classes}
     cached = common.torch_load(out / "prototypes.pt") if resuming and (out / "prototypes.pt").is_file() else None
     if cached is not None and cached["config"] == config:
         q, b = cached["val"], cached["bank"]
-        print(f"prototypes reused from {out / 'prototypes.pt'}")
+        print(f"prototypes reused from {out / 'prototypes.pt'} (network {weights})")
     else:
-        q = extract_prototypes(model, val, args.features, args.threshold, args.size, args.batch_size, args.workers,
-                               device, args.amp, n_classes, keep=args.n_figures)
-        b = extract_prototypes(model, bank_samples, args.features, args.threshold, args.size, args.batch_size,
-                               args.workers, device, args.amp, n_classes) if bank_samples else None
+        if cached is not None:  # another network, or other settings: the stored prototypes say nothing about these
+            old = cached["config"]
+            why = (f"network {old.get('weights')}, but {args.checkpoint} now holds network {weights}"
+                   if old.get("weights") != weights else "other settings")
+            print(f"note: {out / 'prototypes.pt'} holds the prototypes of {why}: computing them again")
+        q = extract_prototypes(model, val, reader, args.features, args.logit_threshold, n_classes,
+                               keep=args.n_figures, fg_resize=args.fg_resize)
+        b = extract_prototypes(model, bank_samples, reader, args.features, args.logit_threshold, n_classes,
+                               fg_resize=args.fg_resize) if bank_samples else None
+        if not q["protos"].isfinite().all():
+            raise common.UserError(f"{args.checkpoint}: the network's {args.features} features are not finite on "
+                                   f"{int((~q['protos'].isfinite().all(1)).sum())} val images (diverged weights?)")
         common.save_object(out / "prototypes.pt", {"config": config, "val": q, "bank": b})
     t_extract = time.time() - t
     n_fg = int(q["has_fg"].sum())
     print(f"{n_fg}/{len(val)} images have a foreground; embeddings {q['img_per_s']:.1f} img/s at {args.size}²")
     if n_fg == 0:
-        raise common.UserError("no image has a foreground: check --threshold / the masks")
+        raise common.UserError("no image has a foreground: check --logit-threshold / the masks")
 
     # ===================================================================================================== clustering
     clustered = torch.ones_like(q["has_fg"]) if args.empty_prototypes == "keep" else q["has_fg"]
@@ -414,34 +579,11 @@ def main(argv=None):
             print(f"note: whitening {len(x)} prototypes to {args.pca_dim} dims amplifies their noise directions; "
                   "on small splits --pca-dim 0 (or a smaller one) can cluster better")
         x = pca_whiten(x, args.pca_dim)
-    seeds = [args.seed + i for i in range(args.n_seeds)]
-    results, rows, first = {"clusters": {}}, [], None
     t = time.time()
-    for n_total in clusters:
-        key = str(n_total)
-        if n_total - 1 > len(x) or n_total < 2:
-            print(f"--clusters {n_total}: skipped ({len(x)} prototypes, need between 1 and {len(x)} K-Means clusters)")
-            results["clusters"][key] = {"skipped": f"{len(x)} prototypes"}
-            continue
-        runs = run_clustering(x, clustered, q["has_fg"], q["fg_hist"], q["bg_hist"], n_total, seeds, args.restarts,
-                              args.iters, n_classes, args.absent_classes)
-        first = first or runs[0]
-        m = torch.tensor([r["miou"] for r in runs])
-        std = float(m.std()) if len(m) > 1 else 0.0
-        results["clusters"][key] = {
-            "matching": "hungarian" if n_total <= n_classes else "majority", "seeds": seeds,
-            "miou_per_seed": m.tolist(), "miou_mean": float(m.mean()), "miou_std": std,
-            "per_class_iou_mean": dict(zip(names, torch.stack([r["iou"] for r in runs]).nanmean(0).tolist()))}
-        label = f"K-Means {n_total}"
-        if n_total > n_classes and n_total - 1 > len(x) / 10:
-            # a cluster of a few images takes their majority class: the labels, not the features, do the work
-            warning = (f"{n_total - 1} clusters for {len(x)} prototypes ({len(x) / (n_total - 1):.1f} images a "
-                       "cluster): majority voting over so few images is close to a supervised labelling, which "
-                       "even random weights score well on; read this row as an upper bound, not as clustering")
-            print(f"warning: {warning}")
-            results["clusters"][key]["warning"] = warning
-            label += " (!)"
-        rows.append((label, results["clusters"][key]["matching"], float(m.mean()), std))
+    runs = {n_total: run_clustering(x, clustered, q["has_fg"], q["fg_hist"], q["bg_hist"], n_total, kc.seeds,
+                                    kc.restarts, kc.iters, n_classes, kc.absent)
+            for n_total in clusters if 2 <= n_total <= len(x) + 1}
+    rows = summarise_runs(results, runs, clusters, n_classes, names, n_points=len(x))
     t_kmeans = time.time() - t
 
     # ====================================================================================================== retrieval
@@ -461,18 +603,18 @@ def main(argv=None):
                                       args.n_figures)
 
     # =========================================================================================================== save
-    if first is not None and q["shown"]:
-        save_cluster_figure(val, q["shown"], first["ids"], first["mapping"], out / "kmeans_val.png")
-    results.update({"model": desc, "checkpoint": str(args.checkpoint), "features": args.features,
-                    "foreground": fg_from, "images": len(val), "with_foreground": n_fg, "classes": names,
-                    "extract_s": t_extract, "embed_img_per_s": q["img_per_s"], "kmeans_s": t_kmeans,
-                    "args": vars(args)})
+    if runs and q["shown"]:
+        first = next(iter(runs.values()))[0]
+        shown = [(i, y, torch.where(fg, first["mapping"][first["ids"][i]], first["mapping"][0]))
+                 for i, y, fg in q["shown"]]
+        save_cluster_figure(val, shown, out / "kmeans_val.png")
+    results.update({"foreground": fg_from, "with_foreground": n_fg, "extract_s": t_extract,
+                    "embed_img_per_s": q["img_per_s"], "kmeans_s": t_kmeans})
     common.write_json(out / "kmeans_eval.json", results)
     common.print_table(rows, ["protocol", "matching", "mIoU %", "std"])
-    print(f"K-Means of {len(x)} prototypes × {len(seeds)} seeds × {len(clusters)} settings in {t_kmeans:.1f} s → "
+    print(f"K-Means of {len(x)} prototypes × {len(kc.seeds)} seeds × {len(clusters)} settings in {t_kmeans:.1f} s → "
           f"{out / 'kmeans_eval.json'}")
     return results
-
 
 if __name__ == "__main__":
     common.run_main(main)

@@ -11,9 +11,11 @@ of the frozen network moved.
 Commands
   python linear_eval.py --data-root VOC --checkpoint runs/pretrain/checkpoint.pth          # Tables 1 and 3a
   python linear_eval.py --data-root VOC --checkpoint runs/pretrain/checkpoint.pth --crf    # + the CRF column
-  python linear_eval.py --data-root VOC --checkpoint moco_v2_800ep_pretrain.pth.tar --features backbone  # Table 1's
-  python linear_eval.py --data-root VOC --checkpoint imagenet --features backbone          # ... baselines
-  python linear_eval.py --data-root VOC --checkpoint random --arch resnet50                # random weights
+  # Table 1's baselines as the paper ran them (supp. C): backbone features, only layer4 dilated (output stride 16)
+  python linear_eval.py --data-root VOC --checkpoint moco_v2_800ep_pretrain.pth.tar --features backbone \
+      --output-stride 16
+  python linear_eval.py --data-root VOC --checkpoint imagenet --features backbone --output-stride 16
+  python linear_eval.py --data-root VOC --checkpoint random --features backbone        # random weights
   torchrun --nproc_per_node 2 linear_eval.py ...same flags...  (--batch-size stays the global batch)
   ... --predict my_photos/   segments your own images (a finished run given --resume goes straight there)
 
@@ -238,10 +240,10 @@ def overlay(img, pred, n_classes, alpha=0.5):
 
 
 @torch.no_grad()
-def predict_folder(probe, folder, out, size, device, amp, n_classes, crf):
+def predict_folder(probe, folder, out, size, device, amp, n_classes, crf, resize="bicubic"):
     """Segment the user's own images: a palette PNG and an overlay per image, at the image's own size."""
     probe.eval()
-    tf = common.eval_transform(size)
+    tf = common.eval_transform(size, resize)
     samples = common.list_samples(folder)
     for s in tqdm(samples, desc="predict"):
         img = common.read_image(s.image)
@@ -288,7 +290,7 @@ def get_args(argv=None):
     g.add_argument("--epochs", type=pos, default=60)
     g.add_argument("--batch-size", type=pos, default=16, help="global batch (split over torchrun processes)")
     g.add_argument("--lr", type=common.positive_float, default=0.1)
-    g.add_argument("--momentum", type=common.nonnegative_float, default=0.9)
+    g.add_argument("--momentum", type=common.probability, default=0.9, help="SGD momentum")
     g.add_argument("--wd", type=common.nonnegative_float, default=1e-4)
     g.add_argument("--lr-step", type=common.nonnegative_int, default=26, help="epochs at the full lr before it drops "
                    "×0.1: 26 as released (its `epoch > 25`), 40 as the paper's text says")
@@ -303,6 +305,7 @@ def get_args(argv=None):
                    "root) into OUT/predict/: <id>.png (palette) and <id>_overlay.png")
     g.add_argument("--n-figures", type=common.nonnegative_int, default=8, help="val images shown in linear_val.png")
     common.add_runtime_args(p)
+    p.set_defaults(amp="none")  # the release trains and scores in fp32
     return p.parse_args(argv)
 
 
@@ -332,12 +335,15 @@ def main(argv=None):
 
     # ========================================================================================================== model
     common.seed_all(args.seed)  # the same classifier init on every process
-    model, _, desc = common.load_model(args.checkpoint, args.arch)
+    model, kind, desc = common.load_model(args.checkpoint, args.arch, args.output_stride)
+    common.check_trained(kind, args.features, args.checkpoint)
     probe = LinearProbe(model, args.features, n_classes).to(device)
     ddp_probe = probe if world.size == 1 else nn.parallel.DistributedDataParallel(probe)
     before = {k: v.detach().cpu().clone() for k, v in probe.model.state_dict().items()}
-    spec = {"checkpoint": str(args.checkpoint), "features": args.features, "arch": model.arch,
-            "channels": probe.classifier.in_channels, "n_classes": n_classes}
+    spec = {"checkpoint": str(args.checkpoint), "weights": common.fingerprint(before), "features": args.features,
+            "arch": model.arch, "output_stride": args.output_stride, "channels": probe.classifier.in_channels,
+            "n_classes": n_classes}
+    scoring = {"size": args.size, "resize": args.resize, "amp": args.amp}
     common.print0(f"{desc}; {args.features} features ({spec['channels']}-d) → {n_classes} classes; train "
                   f"{len(train_ds)} {train_split}, score {len(val_samples)} {args.val_split}; device {device}, "
                   f"{world.size} process(es)")
@@ -353,8 +359,12 @@ def main(argv=None):
     ck_path = out / "linear.pth"
     if resuming:
         ck = common.load_checkpoint(ck_path, kind="linear")
-        if ck["frozen"] != spec:
-            raise common.UserError(f"{ck_path}: was trained on {ck['frozen']}, not {spec}; pass another --out")
+        old = ck["frozen"]
+        if old.get("weights") != spec["weights"]:
+            raise common.UserError(f"{ck_path}: was trained on network {old.get('weights')} ({old['checkpoint']}), "
+                                   f"but {args.checkpoint} now holds network {spec['weights']}; pass another --out")
+        if old != spec:
+            raise common.UserError(f"{ck_path}: was trained on {old}, not {spec}; pass another --out")
         probe.classifier.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         step.load_state_dict(ck["train_step"])
@@ -392,19 +402,19 @@ def main(argv=None):
     common.print0("sanity check passed: the frozen network is bit-identical to the loaded one")
 
     # ===================================================================================================== evaluation
-    if results is None or (args.crf and "miou_crf" not in results):
+    if results is None or (args.crf and "miou_crf" not in results) or results.get("scoring") != scoring:
         te = time.time()
         crf = CRFRefine(device, args.n_figures if world.is_main else 0) if args.crf else None
         probe.eval()
         ev = common.evaluate_segmentation(probe, val_samples, n_classes, args.size, device, args.amp,
                                           loader.batch_size, args.workers, world,
-                                          keep=args.n_figures if world.is_main else 0, refine=crf)
+                                          keep=args.n_figures if world.is_main else 0, refine=crf, resize=args.resize)
         miou, iou = common.miou_from_confusion(ev["conf"])
         results = {"miou": miou, "per_class_iou": dict(zip(names, iou.tolist())),
                    "pixel_acc": float(ev["conf"].diag().sum() / ev["conf"].sum().clamp(min=1) * 100),
                    "epochs": args.epochs, "eval_s": time.time() - te, "train_s": train_s,
                    "val_images": len(val_samples), "train_images": len(train_ds), "model": desc,
-                   "confusion": ev["conf"].tolist(), **spec}
+                   "confusion": ev["conf"].tolist(), "scoring": scoring, **spec}
         if crf:
             results["miou_crf"], iou_crf = common.miou_from_confusion(ev["conf_refined"])
             results["per_class_iou_crf"] = dict(zip(names, iou_crf.tolist()))
@@ -425,7 +435,8 @@ def main(argv=None):
                   + f" on {len(val_samples)} {args.val_split} images → {out / 'linear_eval.json'}")
 
     if args.predict and world.is_main:
-        n = predict_folder(probe, args.predict, out / "predict", args.size, device, args.amp, n_classes, args.crf)
+        n = predict_folder(probe, args.predict, out / "predict", args.size, device, args.amp, n_classes, args.crf,
+                           args.resize)
         common.print0(f"segmented {n} images of {args.predict} → {out / 'predict'}")
     if dist.is_initialized():
         dist.destroy_process_group()

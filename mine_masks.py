@@ -496,7 +496,7 @@ def predict_saliency(model, images, size, batch_size, device, amp, out_size):
     """Saliency probabilities of uint8 images (N, 3, S, S), averaged with those of their mirror image, as uint8 maps
     (N, out_size, out_size)."""
     model.eval()
-    norm = common.eval_transform(size)
+    norm = common.eval_transform(size, "bilinear")  # (the maps are made at the size the images were read at)
     out = torch.empty(len(images), out_size, out_size, dtype=torch.uint8)
     for i in range(0, len(images), batch_size):
         x = norm(images[i:i + batch_size].to(device))
@@ -657,11 +657,14 @@ def get_args(argv=None):
     g.add_argument("--batch-size", type=pos, default=16, help="training and prediction batch")
     g.add_argument("--lr", type=common.positive_float, default=1e-3, help="AdamW, poly decay")
     g.add_argument("--wd", type=frac, default=1e-4, help="AdamW weight decay")
-    g.add_argument("--fg-thresh", type=frac, default=0.7, help="pseudo-label: object above this")
-    g.add_argument("--bg-thresh", type=frac, default=0.3, help="pseudo-label: background below this; between: ignored")
+    g.add_argument("--fg-thresh", type=common.probability, default=0.7, help="pseudo-label: object where the map's "
+                   "probability is above this")
+    g.add_argument("--bg-thresh", type=common.probability, default=0.3, help="pseudo-label: background below this "
+                   "probability; between: ignored")
     g = p.add_argument_group("post-processing and output")
-    g.add_argument("--threshold", type=frac, default=0.5, help="a pixel is object when its map is above this")
-    g.add_argument("--min-area", type=frac, default=0.01,
+    g.add_argument("--mask-threshold", type=common.probability, default=0.5, help="a pixel is object when its map's "
+                   "probability is above this")
+    g.add_argument("--min-area", type=common.probability, default=0.01,
                    help="contours and whole masks under this share of the image are removed / dropped")
     g.add_argument("--grid", type=common.nonnegative_int, default=6, help="images in the picture grid (0 = none)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out (finished stages are reused, a "
@@ -742,7 +745,7 @@ def main(argv=None):
     kept, dropped, shares, shown = {}, {}, [], []
     final_meter = SaliencyMeter() if gts is not None else None
     for i in tqdm(range(len(ids)), desc="masks", leave=False):
-        mask, share, reason = postprocess(final.at(i).numpy(), args.threshold, args.min_area)
+        mask, share, reason = postprocess(final.at(i).numpy(), args.mask_threshold, args.min_area)
         png = dests[i] / f"{ids[i]}.png"
         if reason:
             dropped[(dests[i], ids[i])] = reason
@@ -760,7 +763,7 @@ def main(argv=None):
     if not kept:
         raise common.UserError(f"every one of the {len(ids)} images was dropped (under {args.min_area:.0%} object "
                                f"after post-processing, e.g. {ids[0]}: {next(iter(dropped.values()))}); no mask was "
-                               "written: check the maps (or --threshold / --min-area)")
+                               "written: check the maps (or --mask-threshold / --min-area)")
     if final_meter is not None:
         metrics["final_masks"] = final_meter.result()
         r = metrics["final_masks"]

@@ -412,7 +412,7 @@ def benchmark_data(dataset, n, batch_size, device):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
-    pos, nonneg, frac = common.positive_int, common.nonnegative_int, common.nonnegative_float
+    pos, nonneg, frac, prob = common.positive_int, common.nonnegative_int, common.nonnegative_float, common.probability
     g = p.add_argument_group("data")
     g.add_argument("--data-root", nargs="+", required=True,
                    help="VOC-layout roots and/or plain image folders, combined")
@@ -425,9 +425,9 @@ def get_args(argv=None):
     g.add_argument("--missing-masks", default="error", choices=["error", "skip"],
                    help="an image without a mask (not listed as dropped by mine_masks.py)")
     g.add_argument("--size", type=pos, default=224, help="crop size of each view")
-    g.add_argument("--min-area", type=frac, default=0.01, help="salient share of a view must exceed this "
+    g.add_argument("--min-area", type=prob, default=0.01, help="salient share of a view must exceed this "
                    "(released code 0.01; the paper's text says 0.1)")
-    g.add_argument("--max-area", type=frac, default=0.99, help="... and stay below this")
+    g.add_argument("--max-area", type=prob, default=0.99, help="... and stay below this")
     g.add_argument("--color-jitter", type=frac, nargs=4, default=[0.4, 0.4, 0.4, 0.1], metavar=("B", "C", "S", "H"),
                    help="ColorJitter brightness, contrast, saturation, hue (applied with p=0.8)")
     g = p.add_argument_group("model")
@@ -439,7 +439,7 @@ def get_args(argv=None):
     g.add_argument("--dim", type=pos, default=32, help="embedding dimension D")
     g = p.add_argument_group("MaskContrast")
     g.add_argument("--queue-size", type=nonneg, default=128, help="K prototypes in the queue (0 = none, Table 2b)")
-    g.add_argument("--momentum", type=frac, default=0.999, help="key network momentum m")
+    g.add_argument("--key-momentum", type=prob, default=0.999, help="m: the key network's EMA of the query network")
     g.add_argument("--temperature", type=common.positive_float, default=0.5, help="τ")
     g.add_argument("--weighting", default="enet", choices=["enet", "none"],
                    help="enet: the release's per-object weights 1/ln(1.02+p); none: Algorithm 1's plain mean")
@@ -448,14 +448,14 @@ def get_args(argv=None):
     g.add_argument("--loss-res", default="input", choices=["input", "feature"],
                    help="loss on every input pixel (released code) or at the stride-8 feature map (64× cheaper)")
     g.add_argument("--no-views", action="store_true", help="Table 2b: key view = query view")
-    g.add_argument("--no-momentum", action="store_true", help="Table 2b: keys from the query network (no grad)")
+    g.add_argument("--no-momentum-encoder", action="store_true", help="Table 2b: keys from the query network (no grad)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=pos, default=60, help="paper 60; released configs 40")
     g.add_argument("--batch-size", type=pos, default=64, help="global batch (divided among GPUs)")
     g.add_argument("--batch-parts", type=pos, default=1, help="on one GPU, train as this many GPUs would: each part "
                    "of the batch with its own BatchNorm statistics and in-batch prototypes (the release: 2 GPUs)")
     g.add_argument("--lr", type=common.positive_float, default=0.004)
-    g.add_argument("--sgd-momentum", type=frac, default=0.9)
+    g.add_argument("--momentum", type=prob, default=0.9, help="SGD momentum")
     g.add_argument("--wd", type=frac, default=1e-4)
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/pretrain", help="checkpoint.pth, log.json, results.json, views.png")
@@ -520,8 +520,8 @@ def main(argv=None):
     common.seed_all(args.seed)  # the same initial weights on every process
     f_q = common.SegModel(args.arch, args.dim, saliency_head=True)
     common.print0(common.load_backbone_weights(f_q.backbone, args.backbone_init, args.arch))
-    model = MaskContrast(f_q, args.queue_size, args.momentum, args.temperature, args.weighting, not args.plain_bce,
-                         args.sal_weight, momentum_encoder=not args.no_momentum, loss_res=args.loss_res,
+    model = MaskContrast(f_q, args.queue_size, args.key_momentum, args.temperature, args.weighting, not args.plain_bce,
+                         args.sal_weight, momentum_encoder=not args.no_momentum_encoder, loss_res=args.loss_res,
                          freeze=args.freeze, parts=args.batch_parts).to(device)
     channels_last = device.type == "cuda"  # faster convolutions with cuDNN
     if channels_last:
@@ -535,7 +535,7 @@ def main(argv=None):
 
     # ===================================================================================================== optimizer
     trainable = [p for p in model.f_q.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=args.sgd_momentum, weight_decay=args.wd)
+    optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     step = common.TrainStep(optimizer, [model], device, args.amp,
                             advice=f"a learning rate too high for this batch (--lr {args.lr:g})")
     if args.benchmark:
@@ -550,7 +550,7 @@ def main(argv=None):
     ck_path = out / "checkpoint.pth"
     if resuming:
         ck = common.load_checkpoint(ck_path, kind="pretrain")
-        for key in ("arch", "dim", "queue_size", "no_momentum", "batch_size", "batch_parts", "seed", "freeze"):
+        for key in ("arch", "dim", "queue_size", "no_momentum_encoder", "batch_size", "batch_parts", "seed", "freeze"):
             if ck["args"].get(key) != vars(args)[key]:
                 raise common.UserError(f"{ck_path}: was trained with --{key.replace('_', '-')} {ck['args'].get(key)}, "
                                        f"not {vars(args)[key]}; pass the same flags or another --out")

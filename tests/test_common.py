@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+import torchvision
 from PIL import Image
 
 import common
@@ -328,3 +329,67 @@ def test_sizes_and_counts_are_checked_by_argparse(script, capsys):
         with pytest.raises(SystemExit) as e:
             mod.get_args(["--data-root", "x", *base, flag, value])
         assert e.value.code == 2 and f"argument {flag}: {value} must be" in capsys.readouterr().err
+
+
+def _resnet18_state(seed):
+    torch.manual_seed(seed)
+    return torchvision.models.resnet18(weights=None).state_dict()
+
+
+def test_torchvision_v1_files_without_num_batches_tracked_load(tmp_path):
+    """The release's ImageNet file predates BatchNorm's num_batches_tracked buffers: it must load, every weight."""
+    sd = {k: v for k, v in _resnet18_state(1).items() if not k.endswith("num_batches_tracked")}
+    torch.save(sd, tmp_path / "resnet18-v1.pth")
+    net = common.dilated_resnet("resnet18")
+    report = common.load_backbone_weights(net, str(tmp_path / "resnet18-v1.pth"), "resnet18")
+    assert "nothing missing" in report
+    own = net.state_dict()
+    for k, v in sd.items():
+        if not k.startswith("fc."):
+            assert torch.equal(own[k], v), k
+
+
+def test_moco_v2_checkpoints_load_the_query_encoder(tmp_path):
+    """main_moco.py's file: {epoch, arch, state_dict: module.encoder_q.* (with the MLP head fc.0/fc.2),
+    module.encoder_k.*, module.queue, module.queue_ptr, optimizer}: the backbone is encoder_q without its head."""
+    q, k = _resnet18_state(2), _resnet18_state(3)
+    head = {"fc.0.weight": torch.randn(512, 512), "fc.0.bias": torch.zeros(512), "fc.2.weight": torch.randn(128, 512),
+            "fc.2.bias": torch.zeros(128)}
+    q = {**{n: v for n, v in q.items() if not n.startswith("fc.")}, **head}
+    k = {**{n: v for n, v in k.items() if not n.startswith("fc.")}, **head}
+    state = {**{f"module.encoder_q.{n}": v for n, v in q.items()}, **{f"module.encoder_k.{n}": v for n, v in k.items()},
+             "module.queue": torch.randn(128, 64), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
+    torch.save({"epoch": 800, "arch": "resnet18", "state_dict": state,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.03, "momentum": 0.9, "params": [0, 1]}]}},
+               tmp_path / "moco_v2_800ep_pretrain.pth.tar")
+    net = common.dilated_resnet("resnet18")
+    common.load_backbone_weights(net, str(tmp_path / "moco_v2_800ep_pretrain.pth.tar"), "resnet18")
+    own = net.state_dict()
+    assert torch.equal(own["conv1.weight"], q["conv1.weight"]) and not torch.equal(own["conv1.weight"],
+                                                                                    k["conv1.weight"])
+    assert all(torch.equal(own[n], v) for n, v in q.items() if not n.startswith("fc."))
+
+
+def test_other_backbone_files_are_refused_in_one_line(tmp_path):
+    sd = _resnet18_state(4)
+    sd.pop("layer1.0.conv1.weight")
+    torch.save(sd, tmp_path / "cut.pth")
+    torch.save({"model": "not tensors"}, tmp_path / "odd.pth")
+    net = common.dilated_resnet("resnet18")
+    with pytest.raises(UserError, match="missing 1 keys e.g. \\['layer1.0.conv1.weight'\\]"):
+        common.load_backbone_weights(net, str(tmp_path / "cut.pth"), "resnet18")
+    with pytest.raises(UserError, match="not a state dict of tensors"):
+        common.load_backbone_weights(net, str(tmp_path / "odd.pth"), "resnet18")
+    with pytest.raises(UserError, match="does not fit resnet50"):
+        common.load_backbone_weights(common.dilated_resnet("resnet50"), str(tmp_path / "cut.pth"), "resnet50")
+
+
+def test_output_stride_16_dilates_layer4_alone(pretrain_ck):
+    x = torch.randn(1, 3, 64, 64)
+    for os_, hw in ((8, 8), (16, 4)):
+        m = common.SegModel("resnet18", output_stride=os_).eval()
+        assert m.layer_features(x, "backbone").shape[-2:] == (hw, hw)
+        assert m.backbone.layer3[0].conv1.stride == ((1, 1) if os_ == 8 else (2, 2))
+    a = common.load_model(str(pretrain_ck), None, 8)[0]
+    b = common.load_model(str(pretrain_ck), None, 16)[0]
+    assert common.fingerprint(a.state_dict()) == common.fingerprint(b.state_dict())  # the same weights, new geometry

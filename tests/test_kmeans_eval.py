@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 import common
 import kmeans_eval as ke
@@ -147,8 +148,9 @@ def test_baseline_with_mask_folder_and_dropped_images(tiny_root, tmp_path, capsy
     shutil.copytree(tiny_root / "saliency_oracle", masks)
     (masks / "val_0002.png").unlink()
     argv = ["--data-root", str(tiny_root), "--classes", "5", "--checkpoint", "random", "--arch", "resnet18",
-            "--saliency", "m", "--mask-root", str(tmp_path / "mined"), "--size", "32", "--workers", "0",
-            "--n-seeds", "1", "--out", str(tmp_path / "o"), "--n-figures", "0", "--absent-classes", "skip"]
+            "--features", "backbone", "--saliency", "m", "--mask-root", str(tmp_path / "mined"), "--size", "32",
+            "--workers", "0", "--n-seeds", "1", "--out", str(tmp_path / "o"), "--n-figures", "0",
+            "--absent-classes", "skip"]
     one_line_error(ke.main, argv, capsys, "val_0002.png")
     (masks / "dropped.txt").write_text("val_0002\n")
     res = ke.main(argv + ["--resume"])
@@ -163,10 +165,15 @@ def test_baseline_with_mask_folder_and_dropped_images(tiny_root, tmp_path, capsy
 def test_bad_input_is_one_line(synth_root, pretrain_ck, tmp_path, capsys):
     base = ["--data-root", str(synth_root), "--size", "32", "--workers", "0", "--out", str(tmp_path / "o")]
     # no saliency head and no masks where mine_masks.py writes them by default
-    one_line_error(ke.main, base + ["--checkpoint", "random", "--arch", "resnet18"], capsys, "saliency_unsup: no masks",
+    rnd = ["--checkpoint", "random", "--arch", "resnet18"]
+    one_line_error(ke.main, base + rnd + ["--features", "backbone"], capsys, "saliency_unsup: no masks",
                    "mine_masks.py")
-    one_line_error(ke.main, base + ["--checkpoint", "random", "--arch", "resnet18", "--foreground", "head", "--resume"],
-                   capsys, "has no saliency head")
+    one_line_error(ke.main, base + rnd + ["--features", "backbone", "--foreground", "head", "--resume"], capsys,
+                   "has no saliency head")
+    # a layer the network never trained: a baseline's head, the saliency network's embedding head
+    for features in ("head", "decoder"):
+        one_line_error(ke.main, base + rnd + ["--features", features], capsys, f"--features {features}: random never "
+                       "trained that layer", "use --features backbone --output-stride 16")
     # checkpoint of another architecture: --arch disagrees, or weights that do not fit the arch it names
     one_line_error(ke.main, base + ["--checkpoint", str(pretrain_ck), "--arch", "resnet50", "--resume"], capsys,
                    "holds a resnet18 model")
@@ -181,3 +188,49 @@ def test_bad_input_is_one_line(synth_root, pretrain_ck, tmp_path, capsys):
     argv = ["--data-root", str(nolab), "--checkpoint", str(pretrain_ck), "--out", str(tmp_path / "o2")]
     one_line_error(ke.main, argv, capsys, "has no label")
     assert not (tmp_path / "o2").exists()
+
+
+class ColourNet(torch.nn.Module):
+    """A stand-in network whose 'backbone' features are the normalised image itself, at stride 1."""
+    arch = "colour"
+
+    def layer_features(self, x, layer):
+        return x
+
+
+def test_pixel_kmeans_of_perfect_features_recovers_permuted_labels(tmp_path):
+    """Each class painted in its own colour, the labels a permutation of the colours: clustering the pixels and
+    matching with Hungarian (background included) must score 100."""
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 0, 0)]
+    perm = [2, 0, 3, 1]  # colour i carries class perm[i]
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (tmp_path / d).mkdir(parents=True)
+    rng = torch.Generator().manual_seed(0)
+    for n in range(4):
+        colour = torch.randint(0, 4, (4, 4), generator=rng).repeat_interleave(6, 0).repeat_interleave(6, 1)
+        img = torch.tensor(colours, dtype=torch.uint8)[colour]
+        Image.fromarray(img.numpy()).save(tmp_path / "JPEGImages" / f"v{n}.png")
+        common.save_label_png(torch.tensor(perm)[colour].numpy().astype("uint8"),
+                              tmp_path / "SegmentationClass" / f"v{n}.png")
+    (tmp_path / "ImageSets/Segmentation/val.txt").write_text("\n".join(f"v{n}" for n in range(4)))
+    samples = common.list_samples(tmp_path, "val", labels=True)
+    reader = ke.Reader(24, "bicubic", 2, 0, torch.device("cpu"), "none")
+    runs, shown, n_fit = ke.pixel_kmeans(ColourNet(), samples, reader, "backbone", [4, 6], ke.Clustering([0, 1]), 4,
+                                         fit_pixels=50, keep=2)
+    assert n_fit == 200 and len(shown) == 2
+    for k in (4, 6):  # Hungarian with as many clusters as classes; majority vote when overclustering
+        assert [r["miou"] for r in runs[k]] == [100.0, 100.0]
+    i, y, pred = shown[0]
+    assert torch.equal(pred, y)
+
+
+def test_pixel_kmeans_of_a_baseline_backbone_at_stride_16(tiny_root, tmp_path, capsys):
+    out = tmp_path / "px"
+    res = ke.main(["--data-root", str(tiny_root), "--checkpoint", "random", "--arch", "resnet18", "--features",
+                   "backbone", "--output-stride", "16", "--cluster", "pixels", "--clusters", "5", "8", "--size", "64",
+                   "--n-seeds", "2", "--restarts", "1", "--fit-pixels", "10", "--workers", "0", "--out", str(out)])
+    assert res["cluster"] == "pixels" and res["output_stride"] == 16 and len(res["weights"]) == 16
+    assert res["fit_pixels"] == 8 * 10 and len(res["clusters"]["5"]["miou_per_seed"]) == 2
+    assert res["clusters"]["8"]["matching"] == "majority" and 0 <= res["clusters"]["5"]["miou_mean"] <= 100
+    assert json.loads((out / "kmeans_eval.json").read_text())["weights"] == res["weights"]
+    assert (out / "kmeans_val.png").is_file()

@@ -173,7 +173,7 @@ def test_resume_after_a_kill_gives_the_masks_of_an_uninterrupted_run(tiny_root, 
     def run(name, *extra):
         mm.main(["--data-root", str(tiny_root), "--split", "val", "--mask-root", str(tmp_path / name), "--out",
                  str(tmp_path / f"w_{name}"), "--rounds", "1", *TINY, "--epochs", "2", "--batch-size", "4",
-                 "--prior-size", "32", "--threshold", "0.3", *extra])
+                 "--prior-size", "32", "--mask-threshold", "0.3", *extra])
         maps = common.torch_load(tmp_path / f"w_{name}" / "maps_round1.pt")["maps"]  # what the network predicted
         return maps, {p.name: p.read_bytes() for p in (tmp_path / name / "saliency_unsup").glob("*.png")}
 

@@ -70,3 +70,33 @@ def test_bad_labels_stop_every_evaluation_before_it_trains(script, case, tmp_pat
     one_line_error(SCRIPTS[script], ["--data-root", str(root), "--checkpoint", "random", "--arch", "resnet18",
                                      "--workers", "0", "--out", str(tmp_path / "o")], capsys, message)
     assert not (tmp_path / "o").exists()
+
+
+SCRIPT_MODULES = ["mine_masks", "pretrain", "linear_eval", "kmeans_eval", "finetune"]
+
+
+def help_text(name, capsys):
+    with pytest.raises(SystemExit):
+        __import__(name).get_args(["--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_one_meaning_per_flag(capsys):
+    """--momentum is SGD's in every script that has it; the key network's EMA is --key-momentum; no bare
+    --threshold: each threshold says what it thresholds, and out-of-range values are refused."""
+    helps = {name: help_text(name, capsys) for name in SCRIPT_MODULES}
+    for name, text in helps.items():
+        assert "--threshold " not in text, name
+        if "--momentum MOMENTUM" in text:
+            assert "--momentum MOMENTUM SGD momentum" in text, name
+    assert "--key-momentum KEY_MOMENTUM m: the key network's EMA" in helps["pretrain"]
+    import pretrain
+    args = pretrain.get_args(["--data-root", "x", "--key-momentum", "0.99", "--momentum", "0.5"])
+    assert (args.key_momentum, args.momentum) == (0.99, 0.5)
+    ck = ["--checkpoint", "random"]
+    for name, bad in [("pretrain", ["--key-momentum", "1.5"]), ("mine_masks", ["--mask-threshold", "2"]),
+                      ("kmeans_eval", [*ck, "--logit-threshold", "nan"]), ("linear_eval", [*ck, "--momentum", "-1"])]:
+        with pytest.raises(SystemExit):
+            __import__(name).get_args(["--data-root", "x", *bad])
+        err = capsys.readouterr().err
+        assert f"argument {bad[-2]}: " in err and ("must be" in err or "not a finite" in err), err

@@ -145,7 +145,7 @@ def test_view_pairs_hold_the_object_and_do_not_depend_on_the_process(synth_root)
 
 def args_for(root, out, *extra):
     return ["--data-root", str(root), "--saliency", "oracle", "--arch", "resnet18", "--dim", "8", "--size", "32",
-            "--batch-size", "8", "--queue-size", "16", "--workers", "0", "--lr", "0.05", "--momentum", "0.9",
+            "--batch-size", "8", "--queue-size", "16", "--workers", "0", "--lr", "0.05", "--key-momentum", "0.9",
             "--out", str(out), *extra]
 
 

@@ -176,8 +176,8 @@ def part_d(res, out, S, device):
     """The priors (batches of 32 and of 256 images) and the saliency network's prediction at 224² (toy: 48²), and the
     profiler's top operators of each (OUT/profile_mining.txt)."""
     cpu, dev = device == "cpu", torch.device(device)
-    images = mine_masks.load_resized([s.image for s in common.list_samples(voc_sized(out, cpu), "train")][:256],
-                                     48 if cpu else 224, 1 if cpu else 8)[0]
+    files = list(dict.fromkeys(s.image for s in common.list_samples(voc_sized(out, cpu), "train")))  # each once
+    images = mine_masks.load_resized(files[:256], 48 if cpu else 224, 1 if cpu else 8)[0]
     x = images.to(dev).float() / 255
     profiles = []
     for name, prior in mine_masks.PRIORS.items():

@@ -34,17 +34,17 @@ for f in "${DUTS_ALL[@]:0:$DUTS}"; do ln -sf "$(realpath "$f")" $OUT/duts/; done
 
 # 1. masks without labels, written under $OUT/masks/saliency_unsup/ (the data folders are read-only)
 python3 mine_masks.py --data-root $DATA/voc_mini $OUT/duts --name unsup --mask-root $OUT/masks --arch $ARCH \
-    --rounds $ROUNDS --epochs $MINE_EPOCHS --workers $WORKERS --out $OUT/mine
+    --size $PT_SIZE --rounds $ROUNDS --epochs $MINE_EPOCHS --workers $WORKERS --out $OUT/mine
 
 # 2. MaskContrast pretraining on voc_mini/train + DUTS-TR images with their mined masks
 python3 pretrain.py --data-root $DATA/voc_mini $OUT/duts --train-split train --mask-root $OUT/masks \
     --arch $ARCH --size $PT_SIZE --batch-size $PT_BATCH --queue-size $((2 * PT_BATCH)) \
-    --epochs $PT_EPOCHS --lr $PT_LR --momentum $PT_M --workers $WORKERS --out $OUT/pretrain
+    --epochs $PT_EPOCHS --lr $PT_LR --key-momentum $PT_M --workers $WORKERS --out $OUT/pretrain
 
 # 3a/3b. linear classifier and K-Means for MaskContrast and for random weights (mined masks as its foreground)
 for M in maskcontrast random; do
     if [ $M = maskcontrast ]; then CK="--checkpoint $OUT/pretrain/checkpoint.pth"
-    else CK="--checkpoint random --arch $ARCH"; fi
+    else CK="--checkpoint random --arch $ARCH --features backbone"; fi  # only what a network trained is scored
     python3 linear_eval.py --data-root $DATA/voc_mini --train-split train $CK --size $EVAL_SIZE \
         --epochs $LC_EPOCHS --lr-step $LC_STEP --workers $WORKERS --out $OUT/linear_$M
     # the random network has no saliency head: its foreground comes from the mined masks (--mask-root)
@@ -73,8 +73,9 @@ print("\nprotocol (mIoU %, voc_mini val)    MaskContrast  random init")
 le, le0 = j("linear_maskcontrast/linear_eval.json"), j("linear_random/linear_eval.json")
 print(f"linear classifier                  {le['miou']:12.1f}  {le0['miou']:11.1f}")
 km, km0 = j("kmeans_maskcontrast/kmeans_eval.json"), j("kmeans_random/kmeans_eval.json")
+nan = {"miou_mean": float("nan"), "miou_std": float("nan")}  # a setting skipped: too few images
 for k in km["clusters"]:
-    a, b = km["clusters"][k], km0["clusters"][k]
+    a, b = ({**nan, **x["clusters"][k]} for x in (km, km0))
     print(f"K-Means, {k:>3s} clusters (5 seeds)    {a['miou_mean']:7.1f} ± {a['miou_std']:3.1f} "
           f"{b['miou_mean']:6.1f} ± {b['miou_std']:3.1f}")
 for k in km["retrieval"]:
