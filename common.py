@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.ndimage
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -307,6 +308,33 @@ def read_mask(path):
         return torch.from_numpy(np.array(im if im.mode in ("P", "L") else im.convert("L"), dtype=np.uint8))
 
 
+def read_objects(path):
+    """An object mask as (H, W) uint8 object ids: 0 background, 1…254 objects (mine_masks.py's format). A 0/255 mask
+    is one object (255 → 1); a 255 beside other ids is refused (an anti-aliased grey mask is not an id map)."""
+    m = read_mask(path)
+    if m.max() == 255:
+        if ((m > 0) & (m < 255)).any():
+            raise UserError(f"{path}: holds 255 beside other values {sorted(set(m[(m > 0) & (m < 255)].tolist()))[:3]}"
+                            "…: not an object mask (0 background, 1…254 object ids, or 0/255 for one object); "
+                            "threshold a grey mask to 0/255")
+        m = (m == 255).to(torch.uint8)
+    return m
+
+
+def components(mask, min_area=0.01):
+    """Object ids (uint8, 0 background) of a post-processed salient mask: each 8-connected component whose filled area
+    passes the release's area rule is its own object — the authors' advice for scenes of several objects."""
+    mask = np.asarray(mask)
+    labels, _ = scipy.ndimage.label(mask, structure=np.ones((3, 3)))
+    objects, m = np.zeros(mask.shape, np.uint8), 0
+    for k, box in enumerate(scipy.ndimage.find_objects(labels), start=1):
+        part = labels[box] == k
+        if scipy.ndimage.binary_fill_holes(part).sum() >= min_area * mask.size and m < 254:
+            m += 1
+            objects[box][part] = m
+    return objects
+
+
 def image_size(path):
     """(H, W) from the header only."""
     with _opened(path, "image") as im:
@@ -419,6 +447,18 @@ def save_label_png(label, path):
 def save_mask_png(mask, path):
     """Save a (H, W) {0,1} or bool array as a 0/255 grey PNG (atomically)."""
     save_png(Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255, mode="L"), path)
+
+
+def save_objects_png(objects, path):
+    """Save (H, W) object ids (0 background, 1…254): one object as a 0/255 grey PNG, several as a palette PNG whose
+    index is the id (coloured like VOC classes, so a person can see them)."""
+    objects = np.asarray(objects)
+    if objects.max(initial=0) > 254:
+        raise UserError(f"{path}: {int(objects.max())} objects; a mask PNG holds at most 254")
+    if objects.max(initial=0) <= 1:
+        save_mask_png(objects, path)
+    else:
+        save_label_png(objects, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -750,8 +790,9 @@ def _shape(kind, h, w, cy, cx, r):
     return ((np.abs(dy) < r * 0.35) & (np.abs(dx) < r)) | ((np.abs(dx) < r * 0.35) & (np.abs(dy) < r))
 
 
-def _synthetic_image(size, rng):
-    """One image: a noisy low-frequency background and one or two objects of one class (shape + texture)."""
+def _synthetic_image(size, rng, multi=False):
+    """One image: a noisy low-frequency background and one or two objects of one class (shape + texture), or with
+    `multi` two or three objects of different classes, apart. Returns (image, class label, object ids)."""
     h = w = size
     # background: a smooth, muted random colour field plus fine noise (so that "not flat" does not mean "object"),
     # less saturated than the objects, as the backdrop of a photo usually is
@@ -761,11 +802,17 @@ def _synthetic_image(size, rng):
                        align_corners=False)[0].numpy().transpose(1, 2, 0)
     bg = np.clip(bg + rng.normal(0, 0.05, (h, w, 3)), 0, 1)
     cls = int(rng.integers(1, len(SYNTH_CLASSES)))
-    label = np.zeros((h, w), np.uint8)
+    label, objects = np.zeros((h, w), np.uint8), np.zeros((h, w), np.uint8)
     img = bg
-    for k in range(1 if rng.uniform() < 0.7 else 2):
-        r = rng.uniform(0.22, 0.34) * size if k == 0 else rng.uniform(0.14, 0.2) * size
-        cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
+    classes = rng.permutation(np.arange(1, len(SYNTH_CLASSES)))[:int(rng.integers(2, 4))] if multi else None
+    for k in range(len(classes) if multi else 1 if rng.uniform() < 0.7 else 2):
+        if multi:  # the next object where it overlaps the others least (of 10 tries)
+            cls, r = int(classes[k]), rng.uniform(0.13, 0.2) * size
+            tries = [(rng.uniform(r, h - r), rng.uniform(r, w - r)) for _ in range(10)]
+            cy, cx = min(tries, key=lambda c: (_shape(cls, h, w, *c, r * 1.15) & (objects > 0)).sum())
+        else:
+            r = rng.uniform(0.22, 0.34) * size if k == 0 else rng.uniform(0.14, 0.2) * size
+            cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
         m = _shape(cls, h, w, cy, cx, r)
         # a light and a dark shade of one random hue: colour says nothing about the class, and demo.sh's full hue
         # jitter (--color-jitter 0.4 0.4 0.4 0.5) covers every hue, so pretraining can learn to ignore it
@@ -776,14 +823,16 @@ def _synthetic_image(size, rng):
         obj = t * c1 + (1 - t) * c2
         img = np.where(m[..., None], obj, img)
         label[m] = cls
+        objects[m] = k + 1
     img = np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1)
-    return (img * 255).astype(np.uint8), label
+    return (img * 255).astype(np.uint8), label, objects
 
 
-def make_synthetic_voc(root, n_train=160, n_val=60, size=96, seed=0):
-    """Write a small seeded VOC-layout dataset: one or two objects of one class per image on a textured background;
-    labels in SegmentationClass, the oracle salient-object masks in saliency_oracle (only ever used to score mined
-    masks, or by tests). Returns the root."""
+def make_synthetic_voc(root, n_train=160, n_val=60, size=96, seed=0, multi=False):
+    """Write a small seeded VOC-layout dataset: one or two objects of one class per image on a textured background
+    (with `multi`: two or three objects of different classes); labels in SegmentationClass, the oracle object masks
+    in saliency_oracle (0/255; with `multi`, object ids), only ever used to score mined masks, or by tests. Returns
+    the root."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     for d in ("JPEGImages", "SegmentationClass", "saliency_oracle", "ImageSets/Segmentation"):
@@ -791,10 +840,13 @@ def make_synthetic_voc(root, n_train=160, n_val=60, size=96, seed=0):
     splits = {"train": [f"train_{i:04d}" for i in range(n_train)], "val": [f"val_{i:04d}" for i in range(n_val)]}
     for ids in splits.values():
         for i in ids:
-            img, label = _synthetic_image(size, rng)
+            img, label, objects = _synthetic_image(size, rng, multi)
             Image.fromarray(img).save(root / "JPEGImages" / f"{i}.jpg", quality=92)
             save_label_png(label, root / "SegmentationClass" / f"{i}.png")
-            save_mask_png(label > 0, root / "saliency_oracle" / f"{i}.png")
+            if multi:
+                save_objects_png(objects, root / "saliency_oracle" / f"{i}.png")
+            else:
+                save_mask_png(label > 0, root / "saliency_oracle" / f"{i}.png")
     for name, ids in splits.items():
         (root / "ImageSets" / "Segmentation" / f"{name}.txt").write_text("\n".join(ids) + "\n")
     return root

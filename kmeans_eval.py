@@ -171,19 +171,23 @@ def collate(batch):
 
 
 @torch.no_grad()
-def extract_prototypes(model, samples, reader, features, threshold, n_classes, keep=0, fg_resize="nearest"):
-    """One prototype per image and, for scoring without re-reading anything, per-image histograms of the ground-truth
-    classes inside and outside its foreground. The foreground is the saliency head's (logit > threshold; the
-    prototype weighted by the logit, as released) or, when the samples carry mask paths, the mask's (a plain mean).
-    The head's foreground goes to each label's size thresholded then nearest (released) or, with fg_resize
-    'bilinear', as upsampled logits then thresholded. Returns {protos (N, D), has_fg (N,), fg_hist / bg_hist (N, C),
-    shown: the first `keep` (index, label, foreground), img_per_s}."""
+def extract_prototypes(model, samples, reader, features, threshold, n_classes, keep=0, fg_resize="nearest",
+                       objects="image", min_area=0.01):
+    """Object prototypes and, for scoring without re-reading anything, histograms of the ground-truth classes inside
+    each object and outside all objects of its image. The foreground is the saliency head's (logit > threshold at the
+    input size; the prototype weighted by the logit, as released) or, when the samples carry mask paths, the mask's
+    (a plain mean). objects 'image' (the paper's): one prototype per image over its whole foreground, a zero one when
+    it has none; 'components': one per connected component of the foreground that passes the area rule, so that an
+    image can hold objects of several classes. The objects go to each label's size nearest (released) or, one per
+    image with fg_resize 'bilinear', as upsampled logits then thresholded. Returns {protos (P, D), has_fg (P,),
+    image (P,), fg_hist (P, C), bg_hist (N, C), shown: the first `keep` (index, label, object map: 0 background,
+    p + 1 for prototype p), img_per_s}."""
     device = reader.device
     loader = DataLoader(ProtoDataset(samples, common.eval_transform(reader.size, reader.resize)),
                         batch_size=reader.batch_size, num_workers=reader.workers, collate_fn=collate,
                         pin_memory=device.type == "cuda")
-    protos, has_fg, fg_hist, bg_hist, shown = [], [], [], [], []
-    t0 = time.time()
+    protos, has_fg, image, fg_hist, bg_hist, shown = [], [], [], [], [], []
+    n_protos, t0 = 0, time.time()
     for x, ys, ms, idx in tqdm(loader, desc=f"prototypes {samples[0].image.parent.parent.name}", leave=False):
         x = x.to(device, non_blocking=True)
         with common.autocast(device, reader.amp):
@@ -192,34 +196,39 @@ def extract_prototypes(model, samples, reader, features, threshold, n_classes, k
             else:
                 emb, logit = model.layer_features(x, features), None  # emb: N×D×h×w at stride 8
         emb = emb.float()
-        if ms[0] is not None:  # the foreground from a folder: a plain mean over the mask, at the embedding's size
-            m = torch.stack([F.interpolate(mk[None, None].float(), size=x.shape[-2:], mode="nearest")[0, 0]
-                             for mk in ms]).to(device)
-            w = F.adaptive_avg_pool2d(m[:, None], emb.shape[-2:])[:, 0]
-        else:
-            logit = logit.float()
-            w = logit.clamp(min=0) * (logit > threshold)  # the released weighting: the logit where foreground
-        p = torch.einsum("ndhw,nhw->nd", emb, w)
-        has = (w.flatten(1).sum(1) > 0).cpu()
-        protos.append(F.normalize(p, dim=1).cpu())  # a zero prototype stays zero
-        has_fg.append(has)
         for j, y in enumerate(ys):
-            if not has[j]:
-                fg = torch.zeros_like(y, dtype=torch.bool)
-            elif ms[j] is not None:
-                fg = ms[j]
-            elif fg_resize == "nearest":  # thresholded at the input size, then resized (OpenCV's INTER_NEAREST)
-                fg = F.interpolate((logit[j] > threshold).float()[None, None], size=y.shape, mode="nearest")[0, 0]
-                fg = fg.cpu() > 0
-            else:
-                fg = F.interpolate(logit[j][None, None], size=y.shape, mode="bilinear",
-                                   align_corners=False)[0, 0].cpu() > threshold
+            fg = ms[j] if ms[j] is not None else logit[j].float() > threshold  # at the label's / input size
+            obj = fg.long() if objects == "image" else torch.from_numpy(common.components(fg.cpu(), min_area)).long()
+            obj = obj.to(device)                                               # obj: 0 background, 1…M objects
+            M = 1 if objects == "image" else int(obj.max())
+            masks = [obj == m for m in range(1, M + 1)]
+            if ms[j] is not None:  # a plain mean over each object, at the embedding's size
+                w = [F.adaptive_avg_pool2d(F.interpolate(mk[None, None].float(), size=x.shape[-2:])[0], emb.shape[-2:])
+                     [0] for mk in masks]
+                at_label = obj.cpu()
+            else:  # the released weighting: the logit where foreground
+                w = [logit[j].float().clamp(min=0) * mk for mk in masks]
+                if objects == "image" and fg_resize == "bilinear":
+                    at_label = (F.interpolate(logit[j][None, None].float(), size=y.shape, mode="bilinear",
+                                              align_corners=False)[0, 0] > threshold).long().cpu()
+                else:  # thresholded at the input size, then resized (OpenCV's INTER_NEAREST)
+                    at_label = F.interpolate(obj[None, None].float(), size=y.shape, mode="nearest")[0, 0].long().cpu()
+            w = torch.stack(w) if w else emb.new_zeros(0, *emb.shape[-2:])  # w: M×h×w
+            has = (w.flatten(1).sum(1) > 0).cpu()                              # has: M
+            if objects == "image" and not has[0]:
+                at_label = torch.zeros_like(at_label)
+            protos.append(F.normalize(torch.einsum("dhw,mhw->md", emb[j], w), dim=1).cpu())  # zero stays zero
+            has_fg.append(has)
+            image.append(torch.full((M,), int(idx[j])))
             valid = y != common.IGNORE
-            fg_hist.append(torch.bincount(y[fg & valid], minlength=n_classes))
-            bg_hist.append(torch.bincount(y[~fg & valid], minlength=n_classes))
+            fg_hist += [torch.bincount(y[(at_label == m) & valid], minlength=n_classes) for m in range(1, M + 1)]
+            bg_hist.append(torch.bincount(y[(at_label == 0) & valid], minlength=n_classes))
             if len(shown) < keep:
-                shown.append((int(idx[j]), y, fg))
-    return {"protos": torch.cat(protos), "has_fg": torch.cat(has_fg), "fg_hist": torch.stack(fg_hist),
+                shown.append((int(idx[j]), y, torch.where(at_label > 0, at_label + n_protos, 0)))
+            n_protos += M
+    C = n_classes
+    return {"protos": torch.cat(protos), "has_fg": torch.cat(has_fg), "image": torch.cat(image),
+            "fg_hist": torch.stack(fg_hist) if fg_hist else torch.zeros(0, C, dtype=torch.long),
             "bg_hist": torch.stack(bg_hist), "shown": shown, "img_per_s": len(samples) / (time.time() - t0)}
 
 
@@ -368,16 +377,16 @@ def save_cluster_figure(samples, shown, path, tile=160):
         common.save_grid(tiles, path, ncol=3, size=tile)
 
 
-def save_retrieval_figure(query_samples, bank_samples, neighbours, has_fg, path, n, tile=128):
-    """One row per val query that has a foreground: the query, then its top-5 train neighbours."""
+def save_retrieval_figure(query_samples, bank_samples, query, bank, neighbours, path, n, tile=128):
+    """One row per val query object: its image, then the images of its top-5 train neighbours."""
     tiles, rows = [], 0
-    for q in range(len(query_samples)):
+    for p in range(len(query["protos"])):
         if rows == n:
             break
-        if not has_fg[q]:
+        if not query["has_fg"][p]:
             continue
-        row = [common.read_image(query_samples[q].image)] + [common.read_image(bank_samples[int(j)].image)
-                                                             for j in neighbours[q]]
+        row = [common.read_image(query_samples[int(query["image"][p])].image)] + [
+            common.read_image(bank_samples[int(bank["image"][j])].image) for j in neighbours[p]]
         tiles += row + [torch.full_like(row[0], 255)] * (6 - len(row))
         rows += 1
     if tiles:
@@ -437,6 +446,11 @@ def get_args(argv=None):
                    "output, backbone = the dilated ResNet's last layer")
     g.add_argument("--logit-threshold", type=common.real_number, default=0.5, help="foreground = the saliency head's "
                    "logit (not a probability) above this (released: 0.5, i.e. probability 0.62)")
+    g.add_argument("--objects", default="image", choices=["image", "components"], help="image: one prototype per "
+                   "image over its foreground (the paper's); components: one per connected component of it, so an "
+                   "image can hold objects of several classes")
+    g.add_argument("--min-area", type=common.probability, default=0.01, help="--objects components: a component "
+                   "whose filled area is under this share of the image is background (the release's area rule)")
     g.add_argument("--fg-resize", default="nearest", choices=["nearest", "bilinear"], help="the head's foreground "
                    "at each label's size: thresholded at --size² then resized nearest (released), or the logits "
                    "resized bilinearly then thresholded")
@@ -545,8 +559,8 @@ def main(argv=None):
     t = time.time()
     config = {"checkpoint": str(args.checkpoint), "weights": weights, "features": args.features,
               "output_stride": args.output_stride, "foreground": fg_from, "size": args.size, "resize": args.resize,
-              "amp": args.amp, "ids": [s.id for s in val], "bank": [s.id for s in bank_samples],
-              "n_classes": n_classes}
+              "amp": args.amp, "objects": args.objects, "min_area": args.min_area, "ids": [s.id for s in val],
+              "bank": [s.id for s in bank_samples], "n_classes": n_classes}
     cached = common.torch_load(out / "prototypes.pt") if resuming and (out / "prototypes.pt").is_file() else None
     if cached is not None and cached["config"] == config:
         q, b = cached["val"], cached["bank"]
@@ -557,17 +571,18 @@ def main(argv=None):
             why = (f"network {old.get('weights')}, but {args.checkpoint} now holds network {weights}"
                    if old.get("weights") != weights else "other settings")
             print(f"note: {out / 'prototypes.pt'} holds the prototypes of {why}: computing them again")
-        q = extract_prototypes(model, val, reader, args.features, args.logit_threshold, n_classes,
-                               keep=args.n_figures, fg_resize=args.fg_resize)
-        b = extract_prototypes(model, bank_samples, reader, args.features, args.logit_threshold, n_classes,
-                               fg_resize=args.fg_resize) if bank_samples else None
+        q = extract_prototypes(model, val, reader, args.features, args.logit_threshold, n_classes, args.n_figures,
+                               args.fg_resize, args.objects, args.min_area)
+        b = extract_prototypes(model, bank_samples, reader, args.features, args.logit_threshold, n_classes, 0,
+                               args.fg_resize, args.objects, args.min_area) if bank_samples else None
         if not q["protos"].isfinite().all():
             raise common.UserError(f"{args.checkpoint}: the network's {args.features} features are not finite on "
                                    f"{int((~q['protos'].isfinite().all(1)).sum())} val images (diverged weights?)")
         common.save_object(out / "prototypes.pt", {"config": config, "val": q, "bank": b})
     t_extract = time.time() - t
-    n_fg = int(q["has_fg"].sum())
-    print(f"{n_fg}/{len(val)} images have a foreground; embeddings {q['img_per_s']:.1f} img/s at {args.size}²")
+    n_fg = int(q["image"][q["has_fg"]].unique().numel())
+    print(f"{n_fg}/{len(val)} images have a foreground, {int(q['has_fg'].sum())} objects; embeddings "
+          f"{q['img_per_s']:.1f} img/s at {args.size}²")
     if n_fg == 0:
         raise common.UserError("no image has a foreground: check --logit-threshold / the masks")
 
@@ -599,16 +614,16 @@ def main(argv=None):
                                            "per_class_iou": dict(zip(names, r["iou"].tolist()))}
             rows.append((f"retrieval {label}", f"top-1 of {r['bank']}", r["miou"], "-"))
             if classes is None:
-                save_retrieval_figure(val, bank_samples, r["neighbours"], q["has_fg"], out / "retrieval.png",
-                                      args.n_figures)
+                save_retrieval_figure(val, bank_samples, q, b, r["neighbours"], out / "retrieval.png", args.n_figures)
 
     # =========================================================================================================== save
     if runs and q["shown"]:
         first = next(iter(runs.values()))[0]
-        shown = [(i, y, torch.where(fg, first["mapping"][first["ids"][i]], first["mapping"][0]))
-                 for i, y, fg in q["shown"]]
+        ids = F.pad(first["ids"], (1, 0))  # object map value v → prototype v − 1's cluster; 0 → background
+        shown = [(i, y, first["mapping"][ids[objmap]]) for i, y, objmap in q["shown"]]
         save_cluster_figure(val, shown, out / "kmeans_val.png")
-    results.update({"foreground": fg_from, "with_foreground": n_fg, "extract_s": t_extract,
+    results.update({"foreground": fg_from, "objects": args.objects, "with_foreground": n_fg,
+                    "object_prototypes": int(q["has_fg"].sum()), "extract_s": t_extract,
                     "embed_img_per_s": q["img_per_s"], "kmeans_s": t_kmeans})
     common.write_json(out / "kmeans_eval.json", results)
     common.print_table(rows, ["protocol", "matching", "mIoU %", "std"])

@@ -1,5 +1,5 @@
-r"""Mine one salient-object mask per image, from raw images with no labels and no downloads: paper Sec. 3.2, "mask
-proposals" — the masks pretrain.py contrasts.
+r"""Mine object masks, from raw images with no labels and no downloads: paper Sec. 3.2, "mask proposals" — the masks
+pretrain.py contrasts — and Table 2a's three sources of them (--proposals).
 
 The paper takes its masks from an off-the-shelf saliency estimator, unsupervised (DeepUSPS, Nguyen et al. NeurIPS
 2019: hand-crafted priors → a network trained on them → bootstrapping) or supervised (BAS-Net trained on DUTS); the
@@ -15,9 +15,13 @@ release ships only the resulting PNGs. This script makes them, in one of three m
 3. import (--import-maps DIR): saliency maps from any other tool (grey images of any size), only post-processed.
 
 The post-processing is the release's: threshold strictly above 0.5; remove every contour whose filled area (holes
-included) is under 1 % of the image; drop the image when under 1 % of it is object. The masks are written as 0/255
-PNGs at each image's original size to MASK_ROOT/saliency_<name>/<id>.png (MASK_ROOT: each data root, unless
---mask-root), with dropped.txt and summary.json beside them: what pretrain.py and kmeans_eval.py read by default.
+included) is under 1 % of the image; drop the image when under 1 % of it is object. --proposals saliency (default,
+the paper's) keeps that mask as one object; components makes each of its connected components that passes the area
+rule an object (any mode); hierarchical uses no saliency at all: the SLIC superpixels merged bottom-up by colour,
+every region between 1 % and --max-region of the image an object. Masks go to MASK_ROOT/saliency_<name>/<id>.png at
+each image's original size (MASK_ROOT: each data root, unless --mask-root) — 0/255 for one object, object ids
+1…M (a palette PNG) for several — with dropped.txt and summary.json (objects per image) beside them: what
+pretrain.py and kmeans_eval.py read by default.
 
 Commands
   # default: every image of the root, unsupervised, written to VOC/saliency_unsup/
@@ -28,6 +32,9 @@ Commands
   python mine_masks.py --data-root VOC --name sup --train-images DUTS-TR/images --train-masks DUTS-TR/masks
   # maps from another tool
   python mine_masks.py --data-root VOC --name basnet --import-maps basnet_maps/
+  # Table 2a: each salient component an object; regions of a hierarchical segmentation (no saliency)
+  python mine_masks.py --data-root VOC --name components --proposals components
+  python mine_masks.py --data-root VOC --name hierarchical --proposals hierarchical
 One process, one device (priors and prediction are batched instead of spread over processes).
 """
 import argparse
@@ -287,6 +294,67 @@ def postprocess(prob, threshold=0.5, min_area=0.01):
         reason = (f"no pixel above {threshold}" if not fg.any() else
                   f"foreground {share:.2%} < {min_area:.0%} after removing contours under {min_area:.0%}")
     return mask, share, reason
+
+
+# ======================================================================================================================
+# Proposals: Sec. 3.3's non-overlapping objects {M0, …, MN}, from the three sources of Table 2a
+# ======================================================================================================================
+
+def merge_regions(label, lab, count, merge_below=25.0, max_region=0.5):
+    """A hierarchical segmentation of one image, bottom-up from its SLIC superpixels (label: n×n ids in [0, K); lab:
+    their mean CIE Lab colours (K, 3); count: their pixels (K,)): the two adjacent regions whose mean colours are
+    closest merge, their mean and size updated, until no adjacent pair is closer than `merge_below` Lab units. Regions
+    larger than `max_region` of the image — sky, ground, walls — are background; every other region is an object.
+    Returns n×n uint8 ids (0 background, 1… the regions, in the order of their first superpixel)."""
+    K = len(count)
+    adj = np.zeros((K, K), bool)
+    for a, b in ((label[:, :-1], label[:, 1:]), (label[:-1], label[1:])):
+        adj[a.ravel(), b.ravel()] = True
+    adj |= adj.T
+    np.fill_diagonal(adj, False)
+    count, mean = count.astype(np.float64).copy(), lab.astype(np.float64).copy()
+    dist = np.where(adj, np.linalg.norm(mean[:, None] - mean[None], axis=-1), np.inf)  # dist: K×K
+    parent = np.arange(K)
+    while True:
+        i, j = divmod(int(dist.argmin()), K)
+        if not dist[i, j] < merge_below:
+            break
+        mean[i] = (mean[i] * count[i] + mean[j] * count[j]) / (count[i] + count[j])
+        count[i], count[j] = count[i] + count[j], 0
+        adj[i] |= adj[j]
+        adj[j], adj[i, i] = False, False
+        adj[:, i], adj[:, j] = adj[i], False
+        parent[parent == j] = i
+        dist[j], dist[:, j] = np.inf, np.inf
+        dist[i] = dist[:, i] = np.where(adj[i], np.linalg.norm(mean - mean[i], axis=1), np.inf)
+    region = parent[label]
+    keep = [r for r in dict.fromkeys(region.ravel().tolist()) if count[r] <= max_region * label.size][:254]
+    ids = np.zeros(K, np.uint8)
+    ids[keep] = np.arange(1, len(keep) + 1)
+    return ids[region]
+
+
+def hierarchical_regions(images, batch, device, merge_below, max_region):
+    """Table 2a's first source, no saliency at all: each image's SLIC superpixels (batched on the device, as the RBD
+    prior computes them) merged by merge_regions. Returns (N, n, n) uint8 region ids."""
+    out = []
+    for i in tqdm(range(0, len(images), batch), desc="regions", leave=False):
+        lab = rgb_to_lab(images[i:i + batch].to(device).float() / 255)
+        label, cnt, cen = slic(lab)
+        for b in range(len(label)):
+            out.append(torch.from_numpy(merge_regions(label[b].cpu().numpy(), cen[b, :, :3].cpu().numpy(),
+                                                      cnt[b].cpu().numpy(), merge_below, max_region)))
+    return torch.stack(out)
+
+
+def area_rule(objects, min_area):
+    """Object ids with every object under `min_area` of the image set to background, the rest renumbered 1…M."""
+    share = np.bincount(objects.ravel(), minlength=256) / objects.size
+    keep = np.flatnonzero(share >= min_area)
+    ids = np.zeros(256, np.uint8)
+    keep = keep[keep > 0]
+    ids[keep] = np.arange(1, len(keep) + 1)
+    return ids[objects]
 
 
 class SaliencyMeter:
@@ -661,6 +729,14 @@ def get_args(argv=None):
                    "probability is above this")
     g.add_argument("--bg-thresh", type=common.probability, default=0.3, help="pseudo-label: background below this "
                    "probability; between: ignored")
+    g = p.add_argument_group("proposals (Table 2a)")
+    g.add_argument("--proposals", default="saliency", choices=["saliency", "components", "hierarchical"],
+                   help="saliency: one object, the salient mask (the paper's); components: each connected component of "
+                   "it an object; hierarchical: no saliency, the regions of a bottom-up merging of SLIC superpixels")
+    g.add_argument("--merge-below", type=common.positive_float, default=25.0, help="hierarchical: adjacent regions "
+                   "whose mean colours are closer than this (CIE Lab units) merge")
+    g.add_argument("--max-region", type=common.probability, default=0.5, help="hierarchical: regions larger than this "
+                   "share of the image are background")
     g = p.add_argument_group("post-processing and output")
     g.add_argument("--mask-threshold", type=common.probability, default=0.5, help="a pixel is object when its map's "
                    "probability is above this")
@@ -682,6 +758,8 @@ def get_args(argv=None):
     if not 0 <= args.bg_thresh <= args.fg_thresh <= 1:
         p.error("need 0 <= --bg-thresh <= --fg-thresh <= 1")
     args.mode = "import" if args.import_maps else "supervised" if args.train_images else "unsupervised"
+    if args.proposals == "hierarchical" and args.mode != "unsupervised":
+        p.error(f"--proposals hierarchical uses no saliency: drop --{'import-maps' if args.import_maps else 'train-images'}")
     return args
 
 
@@ -726,10 +804,14 @@ def main(argv=None):
         for path, s, hw in zip(gt_paths, samples, sizes.tolist()):
             g = common.read_mask(path)
             common.check_same_size(g, hw, path, s.image, "ground truth")
-            gts.append(g >= 128)
+            gts.append(g >= 128 if g.max() == 255 else g > 0)  # a grey or 0/255 mask, or object ids
 
     # ================================================================================================ the maps, by mode
-    if args.mode == "unsupervised":
+    if args.proposals == "hierarchical":  # no saliency maps: regions of the images themselves
+        t = time.time()
+        regions = hierarchical_regions(images, args.prior_batch, device, args.merge_below, args.max_region)
+        prior, final, metrics, seconds = None, None, {}, {"regions": time.time() - t}
+    elif args.mode == "unsupervised":
         prior, final, metrics, seconds = mine_unsupervised(
             images, sizes, gts, args.priors, args.prior_batch, args.rounds, args.prior_weight, args.fg_thresh,
             args.bg_thresh, net, args.seed, device, work, args.resume, ids, config)
@@ -744,21 +826,33 @@ def main(argv=None):
     t = time.time()
     kept, dropped, shares, shown = {}, {}, [], []
     final_meter = SaliencyMeter() if gts is not None else None
+    n_objects = []
     for i in tqdm(range(len(ids)), desc="masks", leave=False):
-        mask, share, reason = postprocess(final.at(i).numpy(), args.mask_threshold, args.min_area)
+        if args.proposals == "hierarchical":  # the regions at the image's size, each under the area rule
+            hw = tuple(int(v) for v in sizes[i])
+            objects = area_rule(F.interpolate(regions[i][None, None], size=hw, mode="nearest")[0, 0].numpy(),
+                                args.min_area)
+            share = float((objects > 0).mean())
+            reason = None if objects.any() else f"no region between {args.min_area:.0%} and {args.max_region:.0%}"
+        else:
+            mask, share, reason = postprocess(final.at(i).numpy(), args.mask_threshold, args.min_area)
+            objects = common.components(mask, args.min_area) if args.proposals == "components" else mask.astype(np.uint8)
+            if args.proposals == "components" and not objects.any():
+                reason = reason or f"no component of {args.min_area:.0%} of the image"
         png = dests[i] / f"{ids[i]}.png"
         if reason:
             dropped[(dests[i], ids[i])] = reason
             png.unlink(missing_ok=True)  # a mask left by an earlier run would contradict dropped.txt
-            mask = np.zeros_like(mask)
+            objects = np.zeros_like(objects)
         else:
             kept[(dests[i], ids[i])] = share
             shares.append(share)
-            common.save_mask_png(mask, png)
+            n_objects.append(int(objects.max()))
+            common.save_objects_png(objects, png)
         if final_meter is not None:
-            final_meter.add(torch.from_numpy(mask).float(), gts[i])
+            final_meter.add(torch.from_numpy(objects > 0).float(), gts[i])
         if i < args.grid:
-            shown.append(torch.from_numpy(mask))
+            shown.append(torch.from_numpy(objects))
     seconds["postprocess"] = time.time() - t
     if not kept:
         raise common.UserError(f"every one of the {len(ids)} images was dropped (under {args.min_area:.0%} object "
@@ -776,8 +870,9 @@ def main(argv=None):
         for i, mask in enumerate(shown):
             row = [images[i]] + [(F.interpolate(m.at(i)[None, None], size=(S, S), mode="bilinear")[0] * 255).byte()
                                  .expand(3, -1, -1) for m in (prior, final) if m is not None]
-            for m in [mask] + ([gts[i]] if gts is not None else []):
-                row.append((F.interpolate(m[None, None].float(), size=(S, S))[0] * 255).byte().expand(3, -1, -1))
+            row.append(common.colorize(F.interpolate(mask[None, None].float(), size=(S, S))[0, 0]))  # the objects
+            if gts is not None:
+                row.append((F.interpolate(gts[i][None, None].float(), size=(S, S))[0] * 255).byte().expand(3, -1, -1))
             tiles += row
             ncol = len(row)
         common.save_grid(tiles, work / "grid.png", ncol, size=min(S, 160))
@@ -785,8 +880,10 @@ def main(argv=None):
     # =========================================================== save: dropped.txt and summary.json per mask folder
     n = len(ids)
     summary = {
-        "mode": args.mode, "images": n, "kept": len(kept), "dropped": len(dropped),
+        "mode": args.mode, "proposals": args.proposals, "images": n, "kept": len(kept), "dropped": len(dropped),
         "mean_foreground_share": float(np.mean(shares)),
+        "objects_per_image": {"mean": float(np.mean(n_objects)), "max": max(n_objects),
+                              "histogram": {str(k): n_objects.count(k) for k in sorted(set(n_objects))}},
         "stages": {k: m for k, m in metrics.items() if m is not None},
         "seconds": {"load": round(load_s, 2), **{k: round(v, 2) for k, v in seconds.items()}},
         "images_per_second": {k: round(n / v, 1) for k, v in seconds.items() if k.startswith("prior_") and v > 0},
@@ -804,7 +901,7 @@ def main(argv=None):
                             for k, m in summary["stages"].items()], ["stage", "MAE", "max-F", "IoU@0.5"])
     common.print0(f"{len(kept)} masks written to {', '.join(str(d) for d in sorted(set(dests)))}; "
                   f"{len(dropped)} images dropped (listed in dropped.txt); mean foreground "
-                  f"{summary['mean_foreground_share']:.1%}")
+                  f"{summary['mean_foreground_share']:.1%}; {summary['objects_per_image']['mean']:.2f} objects an image")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 r"""MaskContrast pretraining: paper Sec. 3.3, Algorithm 1 and Fig. 3; the ablations of Table 2b.
 
-Every image has one object: the pixels its saliency mask (mine_masks.py) calls salient. Each salient pixel of a query
-view is pulled to the mean embedding (prototype) of its object in a second augmented view, computed by a momentum key
-network, and pushed from the prototypes of the batch's other images and of a queue of earlier batches. A 1-channel
-saliency head on the same decoder features learns the masks with a class-balanced BCE.
+Every image has its non-overlapping objects {M0, …, MN} (Sec. 3.3): by default one, the pixels its saliency mask
+(mine_masks.py) calls salient; a mask of object ids gives several. Each object pixel of a query view is pulled to the
+mean embedding (prototype) of its object in a second augmented view, computed by a momentum key network, and pushed
+from the prototypes of every other object of the batch — the same image's other objects too — and of a queue of
+earlier batches. A 1-channel saliency head on the same decoder features learns the union of the objects with a
+class-balanced BCE.
 
 Commands
   # default: VOC trainaug (train where SBD is absent) with the masks mine_masks.py wrote by default (saliency_unsup)
@@ -52,37 +54,48 @@ import common
 # ======================================================================================================================
 
 def maskcontrast_loss(q, k, s_q, s_k, queue, temperature=0.5, weighting="enet"):
-    """The contrastive loss of Algorithm 1 for one batch; equal to the release's on its own inputs (tests/golden).
+    """The contrastive loss of Algorithm 1 for one batch, over every object of every image (Sec. 3.3's {M0, …, MN});
+    with one object per image it is the release's, to the bit (tests/golden).
 
     q, k: (N, D, H, W) unit-norm pixel embeddings of the query and key views (k carries no gradient);
-    s_q, s_k: (N, H, W) bool salient-object masks of the two views; queue: (D, K) unit-norm prototypes of earlier
-    batches. Returns (loss, p_k), p_k (N, D) being the unit-norm key prototypes, one per image, for the queue.
+    s_q, s_k: (N, H, W) object ids of the two views — 0 background, 1…M the objects of each image — or bool masks
+    (one object per image); queue: (D, K) unit-norm prototypes of earlier batches. Returns (loss, p_k), p_k (P, D)
+    being the unit-norm key prototypes, one per object present in the key view, in (image, id) order, for the queue.
+    A query pixel of an object absent from the key view has no target and is ignored; at least one object of the
+    batch must be in both views.
     """
     N, D, H, W = q.shape
-    # p_k: the prototype of each image's object, its mean key embedding over the salient pixels, L2-normalised
-    p_k = F.normalize(torch.einsum("ndhw,nhw->nd", k, s_k.to(k.dtype)), dim=1)   # p_k: N×D
+    s_q, s_k = s_q.long(), s_k.long()
+    M = max(int(s_q.max()), int(s_k.max()), 1)
+    # p_k: the prototype of each object j of image n in the key view, its mean key embedding, L2-normalised
+    sums = torch.stack([torch.einsum("ndhw,nhw->nd", k, (s_k == j).to(k.dtype)) for j in range(1, M + 1)], 1)
+    present = torch.stack([(s_k == j).flatten(1).any(1) for j in range(1, M + 1)], 1)  # present: N×M
+    p_k = F.normalize(sums[present], dim=1)                                       # p_k: P×D (sums: N×M×D)
     # every query pixel against the batch's prototypes and the queue
     q = q.permute(0, 2, 3, 1).reshape(N * H * W, D)                              # q: NHW×D
-    l_pos = q @ p_k.T                          # l_pos: NHW×N, column n is the positive of image n's pixels and a
+    l_pos = q @ p_k.T                          # l_pos: NHW×P, column p is the positive of object p's pixels and a
     l_neg = q @ queue                          # negative of all others; l_neg: NHW×K, only negatives
-    logits = torch.cat([l_pos, l_neg], dim=1) / temperature                      # logits: NHW×(N+K)
-    # s_r, the remapped targets: a salient pixel's class is its object, i.e. its image's index in the batch; the
-    # background pixels of the query view take no part (ignored)
-    image = torch.arange(N, device=q.device).view(N, 1, 1)
-    s_r = torch.where(s_q, image, -1).reshape(N * H * W)                         # s_r: NHW
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature                      # logits: NHW×(P+K)
+    # s_r, the remapped targets: a query pixel's class is its object's column among the P prototypes; background
+    # pixels and the pixels of an object the key view lacks take no part (ignored)
+    column = torch.where(present, present.flatten().cumsum(0).view(N, M) - 1, -1)  # column: N×M
+    column = F.pad(column, (1, 0), value=-1)                                     # id 0, background: N×(M+1)
+    s_r = column.gather(1, s_q.flatten(1)).reshape(N * H * W)                    # s_r: NHW
     if weighting == "none":  # Algorithm 1: the plain mean over the salient pixels
         return F.cross_entropy(logits, s_r, ignore_index=-1), p_k
-    # the release's E-Net weights: a target weighs 1 / ln(1.02 + its object's share of the batch's salient query
-    # pixels), so small objects count as much as large ones; the queue's columns are never targets
-    share = s_q.sum((1, 2)) / s_q.sum()                                          # share: N
-    w = 1 / torch.log(1.02 + F.pad(share.to(logits.dtype), (0, queue.shape[1])))  # w: N+K
-    return F.cross_entropy(logits, s_r, weight=w, ignore_index=-1), p_k  # = Σ w·ℓ / Σ w over the salient pixels
+    # the release's E-Net weights: a target weighs 1 / ln(1.02 + its object's share of the batch's query pixels that
+    # have a target), so small objects count as much as large ones; the queue's columns are never targets
+    count = torch.bincount(s_r[s_r >= 0], minlength=len(p_k))                    # count: P
+    share = count / count.sum()
+    w = 1 / torch.log(1.02 + F.pad(share.to(logits.dtype), (0, queue.shape[1])))  # w: P+K
+    return F.cross_entropy(logits, s_r, weight=w, ignore_index=-1), p_k  # = Σ w·ℓ / Σ w over the targeted pixels
 
 
 def saliency_loss(aux, s_q, balanced=True):
-    """The BCE of the saliency head's logits `aux` (N, H, W) against the query mask s_q. Balanced (the release,
-    HED-style): positive pixels weigh the batch's share of negatives and negatives the share of positives."""
-    t = s_q.to(aux.dtype)
+    """The BCE of the saliency head's logits `aux` (N, H, W) against the query view's objects s_q (ids or bool: their
+    union is the foreground). Balanced (the release, HED-style): positive pixels weigh the batch's share of negatives
+    and negatives the share of positives."""
+    t = (s_q > 0).to(aux.dtype)
     bce = F.binary_cross_entropy_with_logits(aux, t, reduction="none")
     if not balanced:
         return bce.mean()
@@ -93,6 +106,23 @@ def saliency_loss(aux, s_q, balanced=True):
 # ======================================================================================================================
 # Algorithm 1: the query network, the momentum key network and the queue (the shape of MoCo's builder)
 # ======================================================================================================================
+
+def majority_pool(s, size):
+    """Object ids (N, H, W) brought to `size`: each cell takes the id most of its pixels carry, background on a tie
+    (with one object: a cell is salient when more than half of its pixels are)."""
+    one_hot = F.one_hot(s.long(), int(s.max()) + 1).permute(0, 3, 1, 2).float()
+    return F.adaptive_avg_pool2d(one_hot, size).argmax(1)
+
+
+def gather_prototypes(p_k):
+    """Every process's prototypes in rank order. The processes hold different numbers of objects, so each pads its
+    rows to the largest count for all_gather."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return p_k
+    counts = common.all_gather_nograd(torch.tensor([len(p_k)], device=p_k.device)).tolist()
+    rows = common.all_gather_nograd(F.pad(p_k, (0, 0, 0, max(counts) - len(p_k))))
+    return torch.cat([rows[r * max(counts):r * max(counts) + c] for r, c in enumerate(counts)])
+
 
 def in_parts(f, x, parts, **kw):
     """f applied to each of `parts` equal parts of the batch x on its own, as `parts` GPUs would, each part with its
@@ -155,12 +185,12 @@ class MaskContrast(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, p_k):
-        """enqueue(queue, p_k); dequeue(queue): every GPU's prototypes overwrite the oldest columns (indices computed
-        on the device: no host sync)."""
-        p_k = common.all_gather_nograd(p_k)
+        """enqueue(queue, p_k); dequeue(queue): every GPU's prototypes overwrite the oldest columns (the pointer stays
+        on the device); more prototypes than the queue holds: the newest K."""
         K = self.queue.shape[1]
         if K == 0:
             return
+        p_k = gather_prototypes(p_k)[-K:]
         idx = (self.queue_ptr + torch.arange(len(p_k), device=p_k.device)) % K
         self.queue[:, idx] = p_k.T.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + len(p_k)) % K)
@@ -176,9 +206,8 @@ class MaskContrast(nn.Module):
         k = self.encode_keys(x_k)  # keys: N×D×H/8×W/8, no gradient
         if full:  # the release: the loss on every input pixel (64× the pixels of the stride-8 map)
             k = F.interpolate(k, size=x_k.shape[-2:], mode="bilinear", align_corners=False)
-        else:  # masks brought to stride 8: a cell is salient when most of its pixels are
-            s_q = F.adaptive_avg_pool2d(s_q[:, None].float(), q.shape[-2:])[:, 0] > 0.5
-            s_k = F.adaptive_avg_pool2d(s_k[:, None].float(), k.shape[-2:])[:, 0] > 0.5
+        else:  # masks brought to stride 8: a cell takes the object most of its pixels belong to
+            s_q, s_k = majority_pool(s_q, q.shape[-2:]), majority_pool(s_k, k.shape[-2:])
         with torch.autocast(x_q.device.type, enabled=False):  # the loss in fp32
             q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
             queue = self.queue.clone()
@@ -218,9 +247,9 @@ def pretrain_samples(roots, split, saliency, mask_root=None, missing="error"):
                 raise common.UserError(f"{s.image}: no saliency mask at {s.saliency}; mine masks for it with "
                                        "mine_masks.py, or pass --missing-masks skip to train on the images that have "
                                        "one")
-            m = common.read_mask(s.saliency)
+            m = common.read_objects(s.saliency)
             common.check_same_size(m, common.image_size(s.image), s.saliency, s.image, "mask")
-            if (m > 127).any():
+            if (m > 0).any():
                 out.append(s)
             else:
                 n_empty += 1
@@ -233,8 +262,8 @@ def pretrain_samples(roots, split, saliency, mask_root=None, missing="error"):
 
 class ViewPairs(Dataset):
     """Algorithm 1's x_q, s_q = aug(x, s); x_k, s_k = aug(x, s), the part a DataLoader worker does: two random views
-    (crop, flip) of an image and its mask, as uint8, each with a salient share strictly between min_area and max_area,
-    and each with its colour-jitter parameters (applied batched on the device: common.apply_color_params). An image
+    (crop, flip) of an image and its object mask (ids, uint8), each with a salient share — all objects together —
+    strictly between min_area and max_area and at least one object in both, each with its colour-jitter parameters (applied batched on the device: common.apply_color_params). An image
     that yields no such pair in `tries` draws is swapped for a random other one, and after `max_images` images it is
     an error (the release retries forever). Items are (index, seed) pairs from common.SeededSampler."""
 
@@ -246,8 +275,9 @@ class ViewPairs(Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def ok(self, mask):
-        return self.min_area < mask.float().mean().item() < self.max_area
+    def ok(self, s_q, s_k):
+        shared = np.intersect1d(s_q[s_q > 0].unique().numpy(), s_k[s_k > 0].unique().numpy())
+        return all(self.min_area < (s > 0).float().mean().item() < self.max_area for s in (s_q, s_k)) and len(shared)
 
     def __getitem__(self, item):
         i, seed = item
@@ -256,17 +286,17 @@ class ViewPairs(Dataset):
             for _ in range(self.max_images):
                 s = self.samples[i]
                 x = common.read_image(s.image)                       # x: 3×H×W uint8
-                s_mask = (common.read_mask(s.saliency) > 127).byte()  # s: H×W {0, 1}
+                s_mask = common.read_objects(s.saliency)              # s: H×W object ids
                 for _ in range(self.tries):
                     view_q = common.draw_view(x.shape[1:])
                     view_k = view_q if self.same_view else common.draw_view(x.shape[1:])
                     s_q = common.crop_view(s_mask, view_q, self.size)
                     s_k = common.crop_view(s_mask, view_k, self.size)
-                    if self.ok(s_q) and self.ok(s_k):
+                    if self.ok(s_q, s_k):
                         c_q = common.draw_color_params(rng, self.jitter)
                         c_k = c_q if self.same_view else common.draw_color_params(rng, self.jitter)
-                        return (common.crop_view(x, view_q, self.size), s_q.bool(), c_q,
-                                common.crop_view(x, view_k, self.size), s_k.bool(), c_k)
+                        return (common.crop_view(x, view_q, self.size), s_q, c_q,
+                                common.crop_view(x, view_k, self.size), s_k, c_k)
                 i = int(rng.integers(len(self.samples)))
         raise common.UserError(f"no view pair with a salient share in ({self.min_area}, {self.max_area}) after "
                                f"{self.max_images} images; are the masks nearly empty or full? (--min-area/--max-area)")
@@ -286,8 +316,8 @@ def save_views_grid(x_q, s_q, x_k, s_k, path, n=8):
     """Query and key views with their masks drawn on: what the network is asked to match."""
     tiles = []
     for a, b, c, d in zip(x_q[:n].cpu(), s_q[:n].cpu(), x_k[:n].cpu(), s_k[:n].cpu()):
-        tiles += [draw_segmentation_masks(common.denormalize(a), b, alpha=0.45, colors="red"),
-                  draw_segmentation_masks(common.denormalize(c), d, alpha=0.45, colors="red")]
+        tiles += [draw_segmentation_masks(common.denormalize(a), b > 0, alpha=0.45, colors="red"),
+                  draw_segmentation_masks(common.denormalize(c), d > 0, alpha=0.45, colors="red")]
     common.save_grid(tiles, path, ncol=8)
 
 

@@ -234,3 +234,36 @@ def test_pixel_kmeans_of_a_baseline_backbone_at_stride_16(tiny_root, tmp_path, c
     assert res["clusters"]["8"]["matching"] == "majority" and 0 <= res["clusters"]["5"]["miou_mean"] <= 100
     assert json.loads((out / "kmeans_eval.json").read_text())["weights"] == res["weights"]
     assert (out / "kmeans_val.png").is_file()
+
+
+def test_components_give_each_object_its_own_prototype(tmp_path):
+    """Two objects of different classes per image, each class its own colour, features = colour: one prototype per
+    component clusters and matches perfectly (100); one per image mixes the two classes and cannot."""
+    colours = {1: (255, 0, 0), 2: (0, 255, 0), 3: (0, 0, 255)}
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation", "saliency_m"):
+        (tmp_path / d).mkdir(parents=True)
+    names = []
+    for n, (a, b) in enumerate([(1, 2), (2, 3), (3, 1), (1, 3), (2, 1), (3, 2)]):
+        label = torch.zeros(24, 24, dtype=torch.uint8)
+        label[2:10, 2:10], label[14:22, 12:22] = a, b
+        img = torch.full((24, 24, 3), 128, dtype=torch.uint8)
+        for c, rgb in colours.items():
+            img[label == c] = torch.tensor(rgb, dtype=torch.uint8)
+        Image.fromarray(img.numpy()).save(tmp_path / "JPEGImages" / f"v{n}.png")
+        common.save_label_png(label.numpy(), tmp_path / "SegmentationClass" / f"v{n}.png")
+        common.save_mask_png(label.numpy() > 0, tmp_path / "saliency_m" / f"v{n}.png")
+        names.append(f"v{n}")
+    (tmp_path / "ImageSets/Segmentation/val.txt").write_text("\n".join(names))
+    samples = common.list_samples(tmp_path, "val", labels=True)
+    for s in samples:
+        s.saliency = tmp_path / "saliency_m" / f"{s.id}.png"
+    reader = ke.Reader(24, "bicubic", 3, 0, torch.device("cpu"), "none")
+    miou = {}
+    for objects in ("image", "components"):
+        q = ke.extract_prototypes(ColourNet(), samples, reader, "backbone", 0.5, 4, keep=1, objects=objects)
+        assert len(q["protos"]) == (6 if objects == "image" else 12) and q["bg_hist"].shape == (6, 4)
+        runs = ke.run_clustering(q["protos"], torch.ones(len(q["protos"]), dtype=torch.bool), q["has_fg"],
+                                 q["fg_hist"], q["bg_hist"], 4, [0], 5, 100, 4, "zero")
+        miou[objects] = runs[0]["miou"]
+        assert set(q["shown"][0][2].unique().tolist()) == ({0, 1} if objects == "image" else {0, 1, 2})
+    assert miou["components"] == 100.0 and miou["image"] < 80

@@ -241,3 +241,50 @@ def test_flip_tta_is_the_mean_of_the_image_and_its_mirror():
     want = torch.nn.functional.interpolate(p[:, None], size=(24, 24), mode="bilinear", align_corners=False)[:, 0]
     assert (got.float() - (want * 255).round()).abs().max() <= 1
     assert got.float().std() > 0  # a real map, not a constant
+
+
+def test_components_proposals_write_one_object_per_blob(synth_root, tmp_path):
+    """Import mode, a map with two separated blobs (and a speck under the area rule): two objects, ids 1 and 2."""
+    ids = [s.id for s in common.list_samples(synth_root, "val")]
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    for i in ids:
+        a = np.zeros((64, 64), np.uint8)
+        a[4:20, 4:20], a[40:60, 30:60], a[62, 0] = 255, 200, 255
+        Image.fromarray(a).save(maps / f"{i}.png")
+    mm.main(["--data-root", str(synth_root), "--split", "val", "--name", "c", "--mask-root", str(tmp_path),
+             "--out", str(tmp_path / "w"), "--import-maps", str(maps), "--proposals", "components", "--grid", "0",
+             "--workers", "0"])
+    objects = common.read_objects(tmp_path / "saliency_c" / f"{ids[0]}.png")
+    assert sorted(objects.unique().tolist()) == [0, 1, 2]
+    assert (objects[4:20, 4:20] == 1).all() and (objects[40:60, 30:60] == 2).all() and objects[62, 0] == 0
+    summary = json.loads((tmp_path / "saliency_c" / "summary.json").read_text())
+    assert summary["proposals"] == "components" and summary["objects_per_image"]["histogram"] == {"2": 16}
+
+
+def test_merge_regions_joins_similar_neighbours_and_drops_regions_too_large():
+    """16 superpixels of 2×2 pixels: the left half in two close colours (one region, 50 % of the image), the top
+    right in a third (12.5 %), the rest in a fourth (37.5 %); with max_region 0.4 the left half is background."""
+    label = np.arange(16).reshape(4, 4).repeat(2, 0).repeat(2, 1)
+    lab = np.zeros((16, 3))
+    lab[[0, 1, 4, 5]] = [50, 10, 10]
+    lab[[8, 9, 12, 13]] = [52, 12, 9]
+    lab[[2, 3]] = [20, -40, 30]
+    lab[[6, 7, 10, 11, 14, 15]] = [90, 0, 0]
+    ids = mm.merge_regions(label, lab, np.full(16, 4), merge_below=10, max_region=0.4)
+    assert (ids[:, :4] == 0).all()
+    top_right, rest = np.unique(ids[:2, 4:]), np.unique(ids[2:, 4:])
+    assert len(top_right) == len(rest) == 1 and sorted([top_right[0], rest[0]]) == [1, 2]
+
+
+def test_hierarchical_proposals_write_non_overlapping_regions(tmp_path):
+    root = common.make_synthetic_voc(tmp_path / "m", n_train=4, n_val=0, size=64, seed=2, multi=True)
+    mm.main(["--data-root", str(root), "--name", "h", "--out", str(tmp_path / "w"), "--proposals", "hierarchical",
+             "--prior-size", "64", "--grid", "2", "--workers", "0"])
+    for f in sorted((root / "saliency_h").glob("*.png")):
+        objects = common.read_objects(f).numpy()
+        present = np.unique(objects[objects > 0])
+        assert present.tolist() == list(range(1, len(present) + 1)) and len(present) >= 1  # ids 1…M, one per pixel
+        share = np.bincount(objects.ravel())[1:] / objects.size
+        assert (share >= 0.01).all() and (share <= 0.5 + 1e-9).all()  # the area rule and --max-region
+    assert json.loads((root / "saliency_h" / "summary.json").read_text())["proposals"] == "hierarchical"

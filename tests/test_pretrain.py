@@ -5,52 +5,66 @@ import math
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import common
 import pretrain
 from common import SegModel, UserError, list_samples, load_backbone_weights, load_checkpoint
 from conftest import one_line_error
 
 
 def naive_loss(q, k, s_q, s_k, queue, T, weighting):
-    """Algorithm 1 pixel by pixel, in float64."""
+    """Algorithm 1 over objects, pixel by pixel, in float64: a prototype per (image, object id) present in the key
+    view; each query pixel of such an object targets it against every other prototype and the queue."""
     q, k, queue = q.double(), k.double(), queue.double()
+    s_q, s_k = s_q.long(), s_k.long()
     N = q.shape[0]
-    protos = []
+    protos, index = [], {}
     for n in range(N):
-        acc = torch.zeros(q.shape[1], dtype=torch.float64)
-        for y, x in zip(*torch.nonzero(s_k[n], as_tuple=True)):
-            acc += k[n, :, y, x]
-        protos.append(acc / acc.norm())
+        for j in sorted(set(s_k[n].flatten().tolist()) - {0}):
+            acc = torch.zeros(q.shape[1], dtype=torch.float64)
+            for y, x in zip(*torch.nonzero(s_k[n] == j, as_tuple=True)):
+                acc += k[n, :, y, x]
+            index[(n, j)] = len(protos)
+            protos.append(acc / acc.norm())
     protos = torch.stack(protos)
     losses, objs = [], []
     for n in range(N):
         for y, x in zip(*torch.nonzero(s_q[n], as_tuple=True)):
+            target = index.get((n, int(s_q[n, y, x])))
+            if target is None:  # its object is not in the key view
+                continue
             v = q[n, :, y, x]
             logits = torch.cat([protos @ v, queue.T @ v]) / T
-            losses.append(-logits[n] + torch.logsumexp(logits, 0))
-            objs.append(n)
+            losses.append(-logits[target] + torch.logsumexp(logits, 0))
+            objs.append(target)
     losses, objs = torch.stack(losses), torch.tensor(objs)
     if weighting == "none":
         return losses.mean(), protos
-    share = torch.bincount(objs, minlength=N).double() / len(objs)
+    share = torch.bincount(objs, minlength=len(protos)).double() / len(objs)
     w = torch.tensor([1 / math.log(1.02 + share[o]) for o in objs], dtype=torch.float64)
     return (w * losses).sum() / w.sum(), protos
 
 
-@pytest.mark.parametrize("weighting", ["enet", "none"])
-def test_loss_equals_naive_loop(weighting):
-    g = torch.Generator().manual_seed(0)
-    N, D, H, W, K = 3, 8, 5, 6, 7
+def loss_inputs(seed, N=3, D=8, H=5, W=6, K=7):
+    g = torch.Generator().manual_seed(seed)
     q = F.normalize(torch.randn(N, D, H, W, generator=g), dim=1)
     k = F.normalize(torch.randn(N, D, H, W, generator=g), dim=1)
+    queue = F.normalize(torch.randn(D, K, generator=g), dim=0)
+    return q, k, queue, g
+
+
+@pytest.mark.parametrize("weighting", ["enet", "none"])
+def test_loss_equals_naive_loop(weighting):
+    q, k, queue, g = loss_inputs(0)
+    N, _, H, W = q.shape
     s_q = torch.rand(N, H, W, generator=g) < torch.tensor([0.2, 0.5, 0.8]).view(N, 1, 1)  # unequal object sizes
     s_k = torch.rand(N, H, W, generator=g) < 0.5
     s_q[:, 0, 0] = s_k[:, 0, 0] = True
-    queue = F.normalize(torch.randn(D, K, generator=g), dim=0)
     loss, p_k = pretrain.maskcontrast_loss(q, k, s_q, s_k, queue, 0.5, weighting)
     ref, protos = naive_loss(q, k, s_q, s_k, queue, 0.5, weighting)
     assert torch.allclose(loss.double(), ref, atol=1e-5), (loss, ref)
@@ -58,6 +72,46 @@ def test_loss_equals_naive_loop(weighting):
     assert torch.allclose(p_k.norm(dim=1), torch.ones(N), atol=1e-6)
     if weighting == "enet":  # the weights matter: the plain mean differs
         assert not torch.isclose(loss, pretrain.maskcontrast_loss(q, k, s_q, s_k, queue, 0.5, "none")[0])
+
+
+@pytest.mark.parametrize("weighting", ["enet", "none"])
+def test_loss_over_several_objects_equals_naive_loop(weighting):
+    """Up to 3 objects per image; object 3 of image 0 is missing from the key view (its query pixels have no target),
+    object 2 of image 1 only in the key view (a prototype, a negative for all, nobody's target)."""
+    q, k, queue, g = loss_inputs(1)
+    N, _, H, W = q.shape
+    s_q = torch.randint(0, 4, (N, H, W), generator=g)
+    s_k = torch.randint(0, 4, (N, H, W), generator=g)
+    s_k[0][s_k[0] == 3] = 1
+    s_q[1][s_q[1] == 2] = 0
+    s_q[2] = (s_q[2] > 0).long()  # image 2: one object
+    s_k[2] = (s_k[2] > 0).long()
+    loss, p_k = pretrain.maskcontrast_loss(q, k, s_q.to(torch.uint8), s_k.to(torch.uint8), queue, 0.5, weighting)
+    ref, protos = naive_loss(q, k, s_q, s_k, queue, 0.5, weighting)
+    assert len(p_k) == 2 + 3 + 1 and torch.allclose(p_k.double(), protos, atol=1e-6)
+    assert torch.allclose(loss.double(), ref, atol=1e-5), (loss, ref)
+
+
+def test_one_object_per_image_is_todays_loss_to_the_bit():
+    """The one-object form as it was before objects (kept here as the reference): bool and 0/1 id masks agree with
+    it exactly, prototypes and loss."""
+    def one_object_loss(q, k, s_q, s_k, queue, temperature=0.5):
+        N, D, H, W = q.shape
+        p_k = F.normalize(torch.einsum("ndhw,nhw->nd", k, s_k.to(k.dtype)), dim=1)
+        q = q.permute(0, 2, 3, 1).reshape(N * H * W, D)
+        logits = torch.cat([q @ p_k.T, q @ queue], dim=1) / temperature
+        s_r = torch.where(s_q, torch.arange(N).view(N, 1, 1), -1).reshape(N * H * W)
+        share = s_q.sum((1, 2)) / s_q.sum()
+        w = 1 / torch.log(1.02 + F.pad(share.to(logits.dtype), (0, queue.shape[1])))
+        return F.cross_entropy(logits, s_r, weight=w, ignore_index=-1), p_k
+
+    q, k, queue, g = loss_inputs(2, N=4, D=32, H=16, W=16, K=64)
+    s_q = torch.rand(4, 16, 16, generator=g) < 0.4
+    s_k = torch.rand(4, 16, 16, generator=g) < 0.6
+    want, want_p = one_object_loss(q, k, s_q, s_k, queue)
+    for a, b in ((s_q, s_k), (s_q.to(torch.uint8), s_k.to(torch.uint8))):
+        loss, p_k = pretrain.maskcontrast_loss(q, k, a, b, queue)
+        assert torch.equal(loss, want) and torch.equal(p_k, want_p)
 
 
 def test_balanced_bce_matches_definition():
@@ -309,3 +363,53 @@ def test_batch_parts_contrast_each_part_with_its_own_prototypes():
     assert not torch.isclose(parts["contrast"], pretrain.maskcontrast_loss(q, k, s, s, queue)[0], atol=1e-3)
     assert torch.isclose(parts["saliency"], torch.stack([pretrain.saliency_loss(aux[i:i + 2], s[i:i + 2])
                                                          for i in (0, 2)]).mean(), atol=1e-6)
+
+
+def _gather_rank(rank, port, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    p_k = torch.full((2 + rank, 4), float(rank))  # rank 0 holds 2 objects, rank 1 holds 3
+    torch.save(pretrain.gather_prototypes(p_k), f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ranks_with_different_object_counts_gather_every_prototype(tmp_path):
+    torch.multiprocessing.start_processes(_gather_rank, args=(29533, str(tmp_path)), nprocs=2, start_method="fork")
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.equal(got, torch.tensor([0.0] * 2 + [1.0] * 3)[:, None].expand(5, 4))
+
+
+def test_enqueue_keeps_the_newest_when_more_objects_than_the_queue():
+    model = pretrain.MaskContrast(SegModel("resnet18", 4), queue_size=4)
+    model.queue_ptr.fill_(3)
+    model.enqueue(torch.arange(6.0)[:, None].expand(6, 4))  # 6 prototypes for a queue of 4: the last 4 stay
+    assert sorted(model.queue[0].tolist()) == [2.0, 3.0, 4.0, 5.0] and int(model.queue_ptr) == (3 + 4) % 4
+
+
+def test_view_pairs_of_object_masks(tmp_path):
+    """Two objects (ids 1, 2; also as a 0/255 one-object mask): views keep the ids; a pair must share an object."""
+    root = tmp_path / "r"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "saliency_unsup").mkdir()
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("a\n")
+    Image.new("RGB", (40, 40), (120, 80, 40)).save(root / "JPEGImages" / "a.jpg")
+    ids = np.zeros((40, 40), np.uint8)
+    ids[2:18, 2:18], ids[22:38, 22:38] = 1, 2
+    common.save_objects_png(ids, root / "saliency_unsup" / "a.png")
+    assert torch.equal(common.read_objects(root / "saliency_unsup" / "a.png"), torch.from_numpy(ids))
+    samples = pretrain.pretrain_samples([root], None, "unsup")
+    ds = pretrain.ViewPairs(samples, 16)
+    for seed in range(8):
+        _, s_q, _, _, s_k, _ = ds[(0, seed)]
+        assert s_q.dtype == torch.uint8 and set(s_q.unique().tolist()) <= {0, 1, 2}
+        shared = set(s_q.unique().tolist()) & set(s_k.unique().tolist()) - {0}
+        assert shared and ds.min_area < (s_q > 0).float().mean() < ds.max_area
+    common.save_mask_png(ids > 0, root / "saliency_unsup" / "a.png")  # today's 0/255 mask: one object
+    assert set(common.read_objects(root / "saliency_unsup" / "a.png").unique().tolist()) == {0, 1}
+    grey = (ids > 0).astype(np.uint8) * 255
+    grey[17, 2:18] = 128  # an anti-aliased edge: not an id map
+    Image.fromarray(grey).save(root / "saliency_unsup" / "a.png")
+    with pytest.raises(UserError, match="holds 255 beside other values"):
+        pretrain.pretrain_samples([root], None, "unsup")
