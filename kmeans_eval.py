@@ -160,9 +160,9 @@ class ProtoDataset(common.SegDataset):
             return x, y, None, i
         if not s.saliency.is_file():  # an image mine_masks.py dropped (under 1 % salient): no foreground
             return x, y, torch.zeros_like(y, dtype=torch.bool), i
-        m = common.read_mask(s.saliency)
+        m = common.read_objects(s.saliency)
         common.check_same_size(m, y.shape, s.saliency, s.image, "mask")
-        return x, y, m > 127, i
+        return x, y, m > 0, i
 
 
 def collate(batch):

@@ -35,9 +35,15 @@ Commands
   # Table 2a: each salient component an object; regions of a hierarchical segmentation (no saliency)
   python mine_masks.py --data-root VOC --name components --proposals components
   python mine_masks.py --data-root VOC --name hierarchical --proposals hierarchical
-One process, one device (priors and prediction are batched instead of spread over processes).
+Images are read from disk in chunks of 256 and each stage's maps go to a memory-mapped array in --out, so memory does
+not grow with the images; --resume continues a stage after its last finished chunk. Under torchrun every process
+mines its share of the chunks and the saliency networks train with DDP (--batch-size stays global); rank 0 writes
+the summaries. Across machines, --out and the mask folders must be on a file system they share.
+  torchrun --nproc_per_node 4 mine_masks.py --data-root COCO/train2017 --mask-root runs/coco_masks
 """
 import argparse
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +53,8 @@ import scipy.ndimage
 import scipy.sparse
 import scipy.sparse.csgraph
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import v2
 from tqdm import tqdm
@@ -187,6 +195,11 @@ def mbd_prior(rgb):
 # ----------------------------------------------------------------------------------------------------------------------
 # Prior 2: robust background detection (Zhu et al. CVPR 2014)
 
+def slic_cell(size, grid=16, cell=8):
+    """The SLIC lattice's cell for an image of `size`: no finer lattice than the image itself."""
+    return min(cell, max(2, round(size / grid)))
+
+
 def slic(lab, grid=16, cell=8, compactness=10.0, iters=5):
     """SLIC superpixels on a grid×grid lattice, the image resampled to (grid·cell)²: each pixel joins the nearest
     (Lab + scaled position) of the 9 centres around its own block, as one batched matmul. Returns labels (B, n, n)
@@ -220,7 +233,7 @@ def rbd_prior(rgb, grid=16, cell=8, sigma_clr=10.0, sigma_bndcon=1.0, sigma_spa=
     B, _, H, W = rgb.shape
     dev = rgb.device
     lab = rgb_to_lab(rgb)
-    cell = min(cell, max(2, round(min(H, W) / grid)))  # no finer lattice than the image itself
+    cell = slic_cell(min(H, W), grid, cell)
     label, cnt, cen = slic(lab, grid, cell)
     n, K = grid * cell, grid * grid
     col, pos = cen[..., :3], cen[..., 3:] / (10.0 / cell) / n  # mean Lab; mean position in [0, 1]
@@ -338,9 +351,9 @@ def hierarchical_regions(images, batch, device, merge_below, max_region):
     """Table 2a's first source, no saliency at all: each image's SLIC superpixels (batched on the device, as the RBD
     prior computes them) merged by merge_regions. Returns (N, n, n) uint8 region ids."""
     out = []
-    for i in tqdm(range(0, len(images), batch), desc="regions", leave=False):
+    for i in range(0, len(images), batch):
         lab = rgb_to_lab(images[i:i + batch].to(device).float() / 255)
-        label, cnt, cen = slic(lab)
+        label, cnt, cen = slic(lab, cell=slic_cell(images.shape[-1]))
         for b in range(len(label)):
             out.append(torch.from_numpy(merge_regions(label[b].cpu().numpy(), cen[b, :, :3].cpu().numpy(),
                                                       cnt[b].cpu().numpy(), merge_below, max_region)))
@@ -360,96 +373,149 @@ def area_rule(objects, min_area):
 class SaliencyMeter:
     """MAE, max F-beta and IoU at 0.5 over images at their original size, as saliency benchmarks compute them:
     MAE and IoU are means over images; for max F, precision and recall at the 256 thresholds k/255 (foreground when
-    round(255·p) ≥ k; 0/0 counts as 0) are averaged over images first, F-beta taken on the means, then the max."""
+    round(255·p) ≥ k; 0/0 counts as 0) are averaged over images first, F-beta taken on the means, then the max.
+    Kept as sums (`sums`: images, MAE, IoU, precision[256], recall[256]), so that memory does not grow with the
+    images and processes can add theirs up."""
 
     def __init__(self, beta2=0.3):
-        self.beta2, self.mae, self.iou, self.prec, self.rec = beta2, [], [], [], []
+        self.beta2, self.sums = beta2, torch.zeros(3 + 2 * 256, dtype=torch.float64)
 
     def add(self, prob, gt):
         prob, gt = torch.as_tensor(prob, dtype=torch.float32), torch.as_tensor(gt).bool()
-        self.mae.append(float((prob - gt.float()).abs().mean()))
+        mae = (prob - gt.float()).abs().mean().double()
         q = (prob * 255).round().long().clamp(0, 255)
         hist = torch.bincount((q + 256 * gt).flatten(), minlength=512).view(2, 256)  # [background, object] × level
         fp, tp = hist.flip(1).cumsum(1).flip(1).double()  # tp[k]: object pixels with round(255 p) ≥ k
         n_fg = tp[0]
-        self.prec.append(torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), torch.zeros_like(tp)))
-        self.rec.append(tp / n_fg if n_fg > 0 else torch.zeros_like(tp))
+        prec = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), torch.zeros_like(tp))
+        rec = tp / n_fg if n_fg > 0 else torch.zeros_like(tp)
         union = n_fg + fp[128]  # p ≥ 0.5 ⇔ round(255 p) ≥ 128
-        self.iou.append(float(tp[128] / union) if union > 0 else 1.0)
+        iou = tp[128] / union if union > 0 else torch.tensor(1.0, dtype=torch.float64)
+        self.sums += torch.cat([torch.stack([torch.tensor(1.0, dtype=torch.float64), mae, iou]), prec, rec])
 
     def result(self):
-        p, r = torch.stack(self.prec).mean(0), torch.stack(self.rec).mean(0)
+        n = self.sums[0]
+        p, r = self.sums[3:259] / n, self.sums[259:] / n
         f = (1 + self.beta2) * p * r / (self.beta2 * p + r).clamp(min=1e-12)
-        return {"mae": float(np.mean(self.mae)), "max_f": float(f.max()), "iou": float(np.mean(self.iou)),
-                "images": len(self.mae)}
+        return {"mae": float(self.sums[1] / n), "max_f": float(f.max()), "iou": float(self.sums[2] / n),
+                "images": int(n)}
 
 
 # ======================================================================================================================
-# Maps: in memory at S×S, or files of any size; read at each image's original size
+# Streaming: images read from disk in chunks, each stage's maps in a memory-mapped array of the work folder
 # ======================================================================================================================
 
-@dataclass
-class Maps:
-    """The saliency maps of one stage: uint8 (N, S, S) in memory, or one grey file per image (import mode)."""
-    sizes: torch.Tensor           # (N, 2): each image's original (H, W)
-    maps: torch.Tensor = None     # (N, S, S) uint8
-    files: list = None
-
-    def at(self, i):
-        """Map i at its image's original size, float in [0, 1] (resized bilinearly)."""
-        m = self.maps[i].float() / 255 if self.files is None else read_grey(self.files[i])
-        hw = tuple(int(v) for v in self.sizes[i])
-        if tuple(m.shape) == hw:
-            return m
-        return F.interpolate(m[None, None], size=hw, mode="bilinear", align_corners=False)[0, 0]
+CHUNK = 256  # images per chunk: the unit of work of a process, and of --resume within a stage
 
 
-def read_grey(path):
-    """A saliency map of any mode as (H, W) float in [0, 1]."""
-    return common.read_mask(path).float() / 255
+class Resized(torch.utils.data.Dataset):
+    """Images decoded and resized to size×size uint8 (3, S, S)."""
 
-
-def score(maps, gts, name):
-    """The metrics of one stage against the ground truth at original size (None without --eval-masks)."""
-    if gts is None:
-        return None
-    meter = SaliencyMeter()
-    for i, gt in enumerate(gts):
-        meter.add(maps.at(i), gt)
-    r = meter.result()
-    common.print0(f"  {name:<14} MAE {r['mae']:.3f}  max-F {r['max_f']:.3f}  IoU {r['iou']:.3f}")
-    return r
-
-
-class _Resized(torch.utils.data.Dataset):
-    """Images (and optionally masks) decoded and resized to size×size uint8, with their original (H, W)."""
-
-    def __init__(self, images, size, masks=None):
-        self.images, self.size, self.masks = images, size, masks
+    def __init__(self, images, size):
+        self.images, self.size = images, size
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
-        img = common.read_image(self.images[i])
-        hw = tuple(img.shape[1:])
-        x = v2.functional.resize(img, [self.size, self.size], antialias=True)
-        if self.masks is None:
-            return x, torch.zeros(0, dtype=torch.uint8), torch.tensor(hw)
-        m = common.read_mask(self.masks[i])
-        common.check_same_size(m, hw, self.masks[i], self.images[i], "mask")
-        m = v2.functional.resize(m[None].float(), [self.size, self.size], antialias=True)[0] >= 128
-        return x, m.to(torch.uint8), torch.tensor(hw)
+        return v2.functional.resize(common.read_image(self.images[i]), [self.size, self.size], antialias=True)
 
 
-def load_resized(images, size, workers, masks=None, desc="load"):
-    """All images at size×size in memory (uint8 (N, 3, S, S), 150 kB each at 224), masks (N, S, S) if given and the
-    original sizes (N, 2): every later stage reads from here instead of decoding JPEGs again."""
-    loader = torch.utils.data.DataLoader(_Resized(images, size, masks), batch_size=32, num_workers=workers)
-    xs, ms, hws = [], [], []
-    for x, m, hw in tqdm(loader, desc=desc, leave=False):
-        xs.append(x), ms.append(m), hws.append(hw)
-    return torch.cat(xs), (torch.cat(ms) if masks is not None else None), torch.cat(hws)
+def chunks(n, world):
+    """This process's chunks: (index, first image, end) for every world.size-th chunk from its rank."""
+    return [(c, c * CHUNK, min(n, (c + 1) * CHUNK)) for c in range(world.rank, -(-n // CHUNK), world.size)]
+
+
+def chunk_images(images, size, todo, workers):
+    """The images of each chunk in `todo`, one uint8 (n, 3, S, S) tensor per chunk, read by DataLoader workers."""
+    return torch.utils.data.DataLoader(Resized(images, size), batch_sampler=[list(range(a, b)) for _, a, b in todo],
+                                       num_workers=workers)
+
+
+def barrier(world):
+    if world.size > 1:
+        dist.barrier()
+
+
+def stage_arrays(work, stage, names, shape, config, resume, world):
+    """Memory-mapped uint8 arrays work/maps_<name>.npy of `shape` for the outputs `names` of one stage, with the
+    stage's chunk flags (work/<stage>.done.npy, set once a chunk's rows are on disk) and settings (<stage>.json).
+    With --resume and the same settings the arrays are reopened and the finished chunks kept; else made afresh."""
+    meta, done_path = work / f"{stage}.json", work / f"{stage}.done.npy"
+    paths = [work / f"maps_{n}.npy" for n in names]
+    same = resume and meta.is_file() and json.loads(meta.read_text()) == config and all(p.is_file() for p in paths)
+    if not same and world.is_main:
+        for p in paths:
+            np.lib.format.open_memmap(p, "w+", np.uint8, shape).flush()
+        np.save(done_path, np.zeros(-(-shape[0] // CHUNK), bool))
+        common.write_json(meta, config)
+    barrier(world)
+    return [np.load(p, mmap_mode="r+") for p in paths], np.load(done_path, mmap_mode="r+")
+
+
+def stage_done(work, stage, config, resume):
+    """Whether --resume finds this stage finished with these settings."""
+    meta, done = work / f"{stage}.json", work / f"{stage}.done.npy"
+    return bool(resume and meta.is_file() and json.loads(meta.read_text()) == config and done.is_file()
+                and np.load(done).all())
+
+
+def fill_stage(work, stage, names, shape, config, resume, world, produce, images, size, workers):
+    """Run `produce` (a chunk's uint8 images (n, 3, S, S) → one uint8 array per name) over this process's unfinished
+    chunks, writing each chunk's rows before its flag. Returns (the arrays, read-only, once every process is done;
+    seconds)."""
+    arrays, done = stage_arrays(work, stage, names, shape, config, resume, world)
+    todo = [c for c in chunks(shape[0], world) if not done[c[0]]]
+    if done.all():
+        common.print0(f"[{stage}] reused from {work}")
+    t = time.time()
+    for (c, a, b), x in zip(todo, tqdm(chunk_images(images, size, todo, workers), desc=stage, total=len(todo),
+                                       leave=False, disable=not todo)):
+        for arr, rows in zip(arrays, produce(x)):
+            arr[a:b] = np.asarray(rows)
+            arr.flush()
+        done[c] = True
+        done.flush()
+    seconds = time.time() - t
+    barrier(world)
+    return [np.load(work / f"maps_{n}.npy", mmap_mode="r") for n in names], seconds
+
+
+def score(maps, images, gt_paths, world, name):
+    """The metrics of one stage's maps (S×S, uint8) against the ground truth at each image's original size, every
+    process scoring its share of the images (None without --eval-masks)."""
+    if gt_paths is None:
+        return None
+    meter = SaliencyMeter()
+    for i in range(world.rank, len(images), world.size):
+        gt = read_gt(gt_paths[i], images[i])
+        meter.add(map_at(maps, i, gt.shape), gt)
+    if world.size > 1:
+        dist.all_reduce(meter.sums)
+    r = meter.result()
+    common.print0(f"  {name:<14} MAE {r['mae']:.3f}  max-F {r['max_f']:.3f}  IoU {r['iou']:.3f}")
+    return r
+
+
+def map_at(maps, i, hw):
+    """Map i — a row of a stage's uint8 array, or an imported grey file of any size — at size hw, float in [0, 1]
+    (resized bilinearly)."""
+    m = read_grey(maps[i]) if isinstance(maps, list) else torch.from_numpy(np.array(maps[i])).float() / 255
+    if tuple(m.shape) == tuple(hw):
+        return m
+    return F.interpolate(m[None, None], size=tuple(hw), mode="bilinear", align_corners=False)[0, 0]
+
+
+def read_gt(path, image):
+    """A ground-truth mask as bool (H, W): a grey or 0/255 mask thresholded at 128, or object ids > 0."""
+    g = common.read_mask(path)
+    common.check_same_size(g, common.image_size(image), path, image, "ground truth")
+    return g >= 128 if g.max() == 255 else g > 0
+
+
+def read_grey(path):
+    """A saliency map of any mode as (H, W) float in [0, 1]."""
+    return common.read_mask(path).float() / 255
 
 
 def match_by_stem(folder, ids, what):
@@ -485,41 +551,76 @@ class NetConfig:
     amp: str = "bf16"
 
 
-class _Labelled(torch.utils.data.Dataset):
-    """A random view (crop, flip, as pretrain.py's) of an in-memory image and its label, with colour parameters for
-    the device; items are (index, seed) from common.SeededSampler."""
+class PseudoLabels:
+    """Image i's labels 0 / 1 / IGNORE (S, S) from stored maps: the confident pixels of `target` (or, with a
+    `prior` and weight w < 1 after the first round, of the mix w·prior + (1 − w)·target). Opens the memory-mapped
+    arrays lazily, in each loader worker."""
 
-    def __init__(self, images, labels, size):
-        self.images, self.labels, self.size = images, labels, size
+    def __init__(self, target, fg, bg, prior=None, weight=0.0):
+        self.paths, self.fg, self.bg, self.weight, self.maps = (target, prior), fg, bg, weight, None
+
+    def __call__(self, i):
+        if self.maps is None:
+            self.maps = [np.load(p, mmap_mode="r") if p else None for p in self.paths]
+        target, prior = self.maps
+        m = torch.from_numpy(np.array(target[i]))
+        if prior is not None:
+            m = (self.weight * torch.from_numpy(np.array(prior[i])) + (1 - self.weight) * m.float()).round().byte()
+        return pseudo_labels(m, self.fg, self.bg)
+
+
+class MaskLabels:
+    """Image i's labels 0 / 1 from a mask file (supervised mode), resized to S×S."""
+
+    def __init__(self, masks, images, size):
+        self.masks, self.images, self.size = masks, images, size
+
+    def __call__(self, i):
+        m = common.read_mask(self.masks[i])
+        common.check_same_size(m, common.image_size(self.images[i]), self.masks[i], self.images[i], "mask")
+        return (v2.functional.resize(m[None].float(), [self.size, self.size], antialias=True)[0] >= 128).byte()
+
+
+class Labelled(torch.utils.data.Dataset):
+    """A random view (crop, flip, as pretrain.py's) of an image read from disk at S×S and its labels, with colour
+    parameters for the device; items are (index, seed) from common.SeededSampler."""
+
+    def __init__(self, images, labels, size, out_size):
+        self.images, self.labels, self.size, self.out = Resized(images, size), labels, size, out_size
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, item):
         i, seed = item
+        x, y = self.images[i], self.labels(i)
         with common.seeded(seed):
-            view = common.draw_view(self.images.shape[-2:], scale=(0.3, 1.0))
-        return (common.crop_view(self.images[i], view, self.size), common.crop_view(self.labels[i], view, self.size),
+            view = common.draw_view(x.shape[-2:], scale=(0.3, 1.0))
+        return (common.crop_view(x, view, self.out), common.crop_view(y, view, self.out),
                 common.draw_color_params(np.random.default_rng(seed)))
 
 
-def train_saliency_network(images, labels, net, seed, device, checkpoint, resume, tag):
-    """A fresh SegModel whose saliency head learns `labels` (N, S, S: 0, 1 or IGNORE) of the uint8 `images`
-    (N, 3, S, S) with BCE over the labelled pixels, AdamW with a poly schedule; checkpointed every epoch, and resumed
-    exactly from `checkpoint` when `resume` and the checkpoint was made with the same settings."""
+def train_saliency_network(data, net, seed, world, checkpoint, resume, tag):
+    """A fresh SegModel whose saliency head learns the labels of `data` (a Labelled set) with BCE over the labelled
+    pixels, AdamW with a poly schedule, DDP under torchrun (--batch-size stays global); checkpointed every epoch, and
+    resumed exactly from `checkpoint` when `resume` and it was made with the same settings."""
+    device = world.device
     common.seed_all(seed)
     model = common.SegModel(net.arch, saliency_head=True)
     report = common.load_backbone_weights(model.backbone, net.backbone_init, net.arch)
+    model.head.requires_grad_(False)  # the embedding head takes no part (and DDP wants every trained weight used)
     model.to(device)
-    data = _Labelled(images, labels, net.size)
-    if len(data) < net.batch_size or net.batch_size < 2:
+    ddp = model if world.size == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    per_rank = net.batch_size // world.size
+    if len(data) < net.batch_size or per_rank < 2:
         raise common.UserError(f"{len(data)} training images and --batch-size {net.batch_size}: a batch needs at least "
-                               "2 images (BatchNorm) and the set at least one batch")
-    sampler = common.SeededSampler(len(data), seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=net.batch_size, sampler=sampler, drop_last=True,
+                               f"2 images (BatchNorm) per process and the set at least one batch")
+    sampler = common.SeededSampler(len(data), seed, world.rank, world.size)
+    loader = torch.utils.data.DataLoader(data, batch_size=per_rank, sampler=sampler, drop_last=True,
                                          num_workers=net.workers, persistent_workers=net.workers > 0,
                                          generator=torch.Generator())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=net.lr, weight_decay=net.wd)
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=net.lr, weight_decay=net.wd)
     step = common.TrainStep(optimizer, [model], device, net.amp,
                             advice=f"a learning rate too high (--lr {net.lr:g})")
     total, start = net.epochs * len(loader), 0
@@ -536,25 +637,31 @@ def train_saliency_network(images, labels, net, seed, device, checkpoint, resume
     common.print0(f"[{tag}] {len(data)} images, {total} steps; {report}")
     for epoch in range(start, net.epochs):
         sampler.set_epoch(epoch)
-        common.seed_all(seed, epoch)
-        model.train()
+        common.seed_all(seed, epoch, world.rank)
+        ddp.train()
         loss_sum = torch.zeros((), device=device)
-        for it, (x, y, c) in enumerate(tqdm(loader, desc=f"[{tag}] epoch {epoch + 1}/{net.epochs}", leave=False)):
+        for it, (x, y, c) in enumerate(tqdm(loader, desc=f"[{tag}] epoch {epoch + 1}/{net.epochs}", leave=False,
+                                            disable=not world.is_main)):
             for g in optimizer.param_groups:
                 g["lr"] = common.poly_lr(net.lr, epoch * len(loader) + it, total)
             x, y, c = x.to(device, non_blocking=True), y.to(device, non_blocking=True), c.to(device, non_blocking=True)
             x = common.normalize(common.apply_color_params(x.float() / 255, c))
             with common.autocast(device, net.amp):
-                logit = model(x)[1]
+                logit = ddp(x)[1]
             labelled = (y != common.IGNORE).float()
             bce = F.binary_cross_entropy_with_logits(logit.float(), y.clamp(max=1).float(), reduction="none")
             loss = (bce * labelled).sum() / labelled.sum().clamp(min=1)  # over the labelled pixels, no host sync
             loss_sum += step(loss)
         step.check(f"[{tag}] epoch {epoch + 1}")
+        if world.size > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= world.size
         common.print0(f"[{tag}] epoch {epoch + 1}/{net.epochs} loss {float(loss_sum) / len(loader):.4f}")
-        common.save_checkpoint(checkpoint, "saliency", model=model.state_dict(), optimizer=optimizer.state_dict(),
-                               train_step=step.state_dict(), epoch=epoch + 1, net=asdict(net), seed=seed,
-                               args={"arch": net.arch})
+        if world.is_main:
+            common.save_checkpoint(checkpoint, "saliency", model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                   train_step=step.state_dict(), epoch=epoch + 1, net=asdict(net), seed=seed,
+                                   args={"arch": net.arch})
+        barrier(world)
         step.checkpoint = checkpoint
     return model
 
@@ -589,98 +696,98 @@ def pseudo_labels(maps, fg, bg):
 
 
 # ======================================================================================================================
-# Stages: each stored in the work folder, reused by --resume when made from the same images and settings
+# The stages, each returning its maps (memory-mapped, S×S) and filling `metrics` and `seconds`
 # ======================================================================================================================
 
-def load_stage(path, ids, config):
-    """A stage stored by save_stage for these ids and settings, or None."""
-    if not path.is_file():
-        return None
-    st = common.torch_load(path)
-    if st.get("ids") == ids and st.get("config") == config:
-        common.print0(f"[{path.stem[5:]}] reused from {path}")
-        return st
-    common.print0(f"[{path.stem[5:]}] {path} was made for other images or settings: recomputing")
-    return None
+@dataclass
+class Run:
+    """What every stage shares: the images to mine, where the work goes, this process, the stored settings."""
+    images: list
+    gt_paths: list
+    work: Path
+    size: int
+    world: object
+    workers: int
+    resume: bool
+    config: dict
 
 
-def save_stage(path, ids, config, maps, metrics, seconds):
-    common.save_object(path, {"ids": ids, "config": config, "maps": maps, "metrics": metrics, "seconds": seconds})
+def priors_stage(run, priors, batch, metrics, seconds):
+    """The priors of every image and their mean, the fused prior map (each prior's own maps are stored too when
+    there is a ground truth to score them on)."""
+    each = run.gt_paths is not None
 
-
-def network_stage(name, train_images, labels, images, net, seed, device, work, resume, ids, config, sizes, gts):
-    """A saliency network trained on `labels` of `train_images`, predicting `images`: a stage (reused when stored)."""
-    st = load_stage(work / f"maps_{name}.pt", ids, config) if resume else None
-    if st is None:
-        t = time.time()
-        model = train_saliency_network(train_images, labels, net, seed, device, work / f"{name}.pth", resume, name)
-        maps = predict_saliency(model, images, net.size, net.batch_size, device, net.amp, images.shape[-1])
-        st = {"maps": maps, "metrics": score(Maps(sizes, maps), gts, name), "seconds": time.time() - t}
-        save_stage(work / f"maps_{name}.pt", ids, config, maps, st["metrics"], st["seconds"])
-    return st
-
-
-# ======================================================================================================================
-# The three modes, each returning (the prior maps or None, the final maps, {stage: metrics}, {stage: seconds})
-# ======================================================================================================================
-
-def mine_unsupervised(images, sizes, gts, priors, prior_batch, rounds, prior_weight, fg_thresh, bg_thresh, net, seed,
-                      device, work, resume, ids, config):
-    """Priors → `rounds` saliency networks, each on the confident pixels of the last stage's maps."""
-    S = images.shape[-1]
-    metrics, seconds = {}, {}
-    st = load_stage(work / "maps_priors.pt", ids, config) if resume else None
-    if st is None:
-        fused, t0 = torch.zeros(len(images), S, S), time.time()
+    def produce(x):
+        maps = []
         for name in priors:
-            t = time.time()
-            m = torch.empty(len(images), S, S, dtype=torch.uint8)
-            for i in tqdm(range(0, len(images), prior_batch), desc=f"prior {name}", leave=False):
-                x = images[i:i + prior_batch].to(device).float() / 255
-                m[i:i + len(x)] = (PRIORS[name](x) * 255).round().to(torch.uint8).cpu()
-            seconds[f"prior_{name}"] = time.time() - t
-            common.print0(f"[prior {name}] {len(images) / seconds[f'prior_{name}']:.1f} images/s")
-            metrics[f"prior_{name}"] = score(Maps(sizes, m), gts, f"prior_{name}")
-            fused += m.float()
-        maps = (fused / len(priors)).round().to(torch.uint8)
-        metrics["priors"] = score(Maps(sizes, maps), gts, "priors")
-        seconds["priors"] = time.time() - t0
-        st = {"maps": maps, "metrics": metrics, "seconds": seconds}
-        save_stage(work / "maps_priors.pt", ids, config, maps, metrics, seconds)
-    prior = final = st["maps"]
-    metrics, seconds = dict(st["metrics"]), dict(st["seconds"])
+            m = torch.cat([PRIORS[name](x[i:i + batch].to(run.world.device).float() / 255).cpu()
+                           for i in range(0, len(x), batch)])
+            maps.append((m * 255).round().to(torch.uint8))
+        return (maps if each else []) + [(torch.stack(maps).float().mean(0)).round().to(torch.uint8)]
+
+    names = [f"prior_{p}" for p in priors if each] + ["priors"]
+    shape = (len(run.images), run.size, run.size)
+    arrays, s = fill_stage(run.work, "priors", names, shape, {**run.config, "stage": "priors"}, run.resume,
+                           run.world, produce, run.images, run.size, run.workers)
+    for name, arr in zip(names, arrays):
+        metrics[name] = score(arr, run.images, run.gt_paths, run.world, name)
+    seconds["priors"] = s
+    return arrays[-1]
+
+
+def network_stage(run, name, data, net, seed, metrics, seconds):
+    """A saliency network trained on `data` (a Labelled set), then its maps of every image."""
+    t, config = time.time(), {**run.config, "stage": name}
+    model = None if stage_done(run.work, name, config, run.resume) else \
+        train_saliency_network(data, net, seed, run.world, run.work / f"{name}.pth", run.resume, name)
+    shape = (len(run.images), run.size, run.size)
+    produce = lambda x: [predict_saliency(model, x, net.size, net.batch_size, run.world.device, net.amp,  # noqa: E731
+                                          run.size)]
+    (maps,), _ = fill_stage(run.work, name, [name], shape, config, run.resume, run.world, produce, run.images,
+                            run.size, run.workers)
+    metrics[name], seconds[name] = score(maps, run.images, run.gt_paths, run.world, name), time.time() - t
+    return maps
+
+
+def mine_unsupervised(run, priors, prior_batch, rounds, prior_weight, net, fg, bg, seed, metrics, seconds):
+    """Priors → `rounds` saliency networks, each on the confident pixels of the last stage's maps."""
+    final = priors_stage(run, priors, prior_batch, metrics, seconds)
     for r in range(1, rounds + 1):
         # later rounds stay anchored to the priors: a young network calls most of its uncertain band object, and
         # relabelling from its maps alone snowballs (synthetic demo: 30 % → 57 % → 92 % of the pixels "object")
-        target = final if r == 1 else (prior_weight * prior + (1 - prior_weight) * final.float()).round().byte()
-        labels = pseudo_labels(target, fg_thresh, bg_thresh)
-        common.print0(f"[round{r}] learns from the {(labels != common.IGNORE).float().mean():.0%} confident pixels of "
-                      f"the {'priors' if r == 1 else f'round {r - 1} predictions mixed with the priors'}; "
-                      f"{(labels == 1).float().mean():.0%} object")
-        st = network_stage(f"round{r}", images, labels, images, net, seed + r, device, work, resume, ids, config,
-                           sizes, gts)
-        final = st["maps"]
-        metrics[f"round{r}"], seconds[f"round{r}"] = st["metrics"], st["seconds"]
-    return Maps(sizes, prior), Maps(sizes, final), metrics, seconds
+        target = run.work / f"maps_{'priors' if r == 1 else f'round{r - 1}'}.npy"
+        labels = PseudoLabels(target, fg, bg, run.work / "maps_priors.npy" if r > 1 else None, prior_weight)
+        common.print0(f"[round{r}] learns from the confident pixels (> {fg}, < {bg}) of the "
+                      f"{'priors' if r == 1 else f'round {r - 1} predictions mixed with the priors'}")
+        data = Labelled(run.images, labels, run.size, net.size)
+        final = network_stage(run, f"round{r}", data, net, seed + r, metrics, seconds)
+    return final
 
 
-def mine_supervised(images, sizes, gts, train_images, train_masks, net, seed, device, workers, work, resume, ids,
-                    config):
-    """One saliency network trained on labelled masks (e.g. DUTS-TR), predicting `images`."""
-    S = images.shape[-1]
-    tr = common.list_samples(train_images)
-    masks = match_by_stem(train_masks, [s.id for s in tr], "training mask")
-    tr_images, tr_masks, _ = load_resized([s.image for s in tr], S, workers, masks, desc="train images")
-    st = network_stage("supervised", tr_images, tr_masks, images, net, seed, device, work, resume, ids, config, sizes,
-                       gts)
-    return None, Maps(sizes, st["maps"]), {"supervised": st["metrics"]}, {"supervised": st["seconds"]}
+def regions_stage(run, batch, merge_below, max_region, seconds):
+    """Table 2a's hierarchical segmentation: every image's regions, uint8 ids on the superpixel lattice."""
+    n = 16 * slic_cell(run.size)  # slic's lattice: grid × cell
+    produce = lambda x: [hierarchical_regions(x, batch, run.world.device, merge_below, max_region)]  # noqa: E731
+    (regions,), seconds["regions"] = fill_stage(run.work, "regions", ["regions"], (len(run.images), n, n),
+                                                {**run.config, "stage": "regions"}, run.resume, run.world, produce,
+                                                run.images, run.size, run.workers)
+    return regions
 
 
-def mine_import(sizes, gts, import_maps, ids):
-    """Maps of another tool, one grey file per image (any size)."""
-    maps = Maps(sizes, files=match_by_stem(import_maps, ids, "saliency map"))
-    t = time.time()
-    return None, maps, {"imported": score(maps, gts, "imported")}, {"imported": time.time() - t}
+def post_process(i, run, args, maps, import_files):
+    """Image i's objects at its original size, its foreground share and why it is dropped (or None)."""
+    hw = common.image_size(run.images[i])
+    if args.proposals == "hierarchical":  # the regions at the image's size, each under the area rule
+        regions = torch.from_numpy(np.array(maps[i]))[None, None]
+        objects = area_rule(F.interpolate(regions, size=hw, mode="nearest")[0, 0].numpy(), args.min_area)
+        reason = None if objects.any() else f"no region between {args.min_area:.0%} and {args.max_region:.0%}"
+        return objects, float((objects > 0).mean()), reason
+    prob = map_at(import_files or maps, i, hw)
+    mask, share, reason = postprocess(prob.numpy(), args.mask_threshold, args.min_area)
+    if args.proposals == "saliency":
+        return mask.astype(np.uint8), share, reason
+    objects = common.components(mask, args.min_area)
+    return objects, share, reason or (None if objects.any() else f"no component of {args.min_area:.0%} of the image")
 
 
 # ======================================================================================================================
@@ -764,18 +871,13 @@ def get_args(argv=None):
 
 
 def main(argv=None):
-    # =========================================================================================================== args
+    # ================================================================================================== args, runtime
     args = get_args(argv)
     common.resolve_download(args)
-    common.single_process("mine_masks.py")
-    device = common.setup_world(args.device).device
+    world = common.setup_world(args.device)
     work, S = Path(args.out), args.prior_size
     net = NetConfig(args.arch, args.backbone_init, args.size, args.epochs, args.batch_size, args.lr, args.wd,
                     args.workers, args.amp)
-    # what a stored stage or network depends on (not --rounds: more rounds reuse the earlier ones)
-    config = {"priors": args.priors, "prior_size": S, "net": asdict(net), "fg_thresh": args.fg_thresh,
-              "bg_thresh": args.bg_thresh, "prior_weight": args.prior_weight, "seed": args.seed,
-              "train_images": args.train_images, "train_masks": args.train_masks}
 
     # =========================================================================================================== data
     samples, dests = [], []  # the images to mine, and the folder each one's mask goes to
@@ -788,112 +890,111 @@ def main(argv=None):
         if seen.setdefault((d, s.id), s.image) != s.image:
             raise common.UserError(f"{s.image}: id '{s.id}' also names {seen[(d, s.id)]}, and both masks would go to "
                                    f"{d}/{s.id}.png; mine them under different --mask-root or --name")
-    ids = [s.id for s in samples]
+    ids, images = [s.id for s in samples], [s.image for s in samples]
     gt_paths = match_by_stem(args.eval_masks, ids, "ground-truth mask") if args.eval_masks else None
+    import_files = match_by_stem(args.import_maps, ids, "saliency map") if args.import_maps else None
     # outputs are checked before the work: the work folder, and each mask folder (never overwritten silently)
-    common.prepare_out(work, args.resume, ["summary.json", "maps_*.pt", "*.pth"])
+    common.prepare_out(work, args.resume, ["summary.json", "maps_*.npy", "*.pth"], is_main=world.is_main)
     for d in sorted(set(dests)):
-        common.prepare_out(d, args.resume, ["summary.json"], flag="--name or --mask-root")
-    t0 = time.time()
-    images, _, sizes = load_resized([s.image for s in samples], S, args.workers, desc="images")
-    load_s = time.time() - t0
-    common.print0(f"{len(ids)} images from {', '.join(args.data_root)}; mode {args.mode}; device {device}")
-    gts = None
-    if gt_paths:
-        gts = []
-        for path, s, hw in zip(gt_paths, samples, sizes.tolist()):
-            g = common.read_mask(path)
-            common.check_same_size(g, hw, path, s.image, "ground truth")
-            gts.append(g >= 128 if g.max() == 255 else g > 0)  # a grey or 0/255 mask, or object ids
+        common.prepare_out(d, args.resume, ["summary.json"], flag="--name or --mask-root", is_main=world.is_main)
+    barrier(world)
+    # what the stored stages depend on (not --rounds: more rounds reuse the earlier ones)
+    digest = hashlib.sha1("\n".join(map(str, images)).encode()).hexdigest()
+    config = {"images": digest, "priors": args.priors, "prior_size": S, "net": asdict(net),
+              "fg_thresh": args.fg_thresh, "bg_thresh": args.bg_thresh, "prior_weight": args.prior_weight,
+              "seed": args.seed, "train_images": args.train_images, "train_masks": args.train_masks,
+              "merge_below": args.merge_below, "max_region": args.max_region}
+    run = Run(images, gt_paths, work, S, world, args.workers, args.resume, config)
+    common.print0(f"{len(ids)} images from {', '.join(args.data_root)}; mode {args.mode}, proposals "
+                  f"{args.proposals}; device {world.device}, {world.size} process(es)")
 
     # ================================================================================================ the maps, by mode
+    metrics, seconds = {}, {}
     if args.proposals == "hierarchical":  # no saliency maps: regions of the images themselves
-        t = time.time()
-        regions = hierarchical_regions(images, args.prior_batch, device, args.merge_below, args.max_region)
-        prior, final, metrics, seconds = None, None, {}, {"regions": time.time() - t}
+        maps = regions_stage(run, args.prior_batch, args.merge_below, args.max_region, seconds)
     elif args.mode == "unsupervised":
-        prior, final, metrics, seconds = mine_unsupervised(
-            images, sizes, gts, args.priors, args.prior_batch, args.rounds, args.prior_weight, args.fg_thresh,
-            args.bg_thresh, net, args.seed, device, work, args.resume, ids, config)
+        maps = mine_unsupervised(run, args.priors, args.prior_batch, args.rounds, args.prior_weight, net,
+                                 args.fg_thresh, args.bg_thresh, args.seed, metrics, seconds)
     elif args.mode == "supervised":
-        prior, final, metrics, seconds = mine_supervised(images, sizes, gts, args.train_images, args.train_masks, net,
-                                                         args.seed, device, args.workers, work, args.resume, ids,
-                                                         config)
+        tr = [s.image for s in common.list_samples(args.train_images)]
+        masks = match_by_stem(args.train_masks, [Path(p).stem for p in tr], "training mask")
+        maps = network_stage(run, "supervised", Labelled(tr, MaskLabels(masks, tr, S), S, net.size), net, args.seed,
+                             metrics, seconds)
     else:
-        prior, final, metrics, seconds = mine_import(sizes, gts, args.import_maps, ids)
+        maps = None
+        metrics["imported"] = score(import_files, images, gt_paths, world, "imported")
 
-    # ======================================================================= post-processing, masks at original size
+    # ========================================= post-processing: each process writes the masks of its share at full size
     t = time.time()
-    kept, dropped, shares, shown = {}, {}, [], []
-    final_meter = SaliencyMeter() if gts is not None else None
-    n_objects = []
-    for i in tqdm(range(len(ids)), desc="masks", leave=False):
-        if args.proposals == "hierarchical":  # the regions at the image's size, each under the area rule
-            hw = tuple(int(v) for v in sizes[i])
-            objects = area_rule(F.interpolate(regions[i][None, None], size=hw, mode="nearest")[0, 0].numpy(),
-                                args.min_area)
-            share = float((objects > 0).mean())
-            reason = None if objects.any() else f"no region between {args.min_area:.0%} and {args.max_region:.0%}"
-        else:
-            mask, share, reason = postprocess(final.at(i).numpy(), args.mask_threshold, args.min_area)
-            objects = common.components(mask, args.min_area) if args.proposals == "components" else mask.astype(np.uint8)
-            if args.proposals == "components" and not objects.any():
-                reason = reason or f"no component of {args.min_area:.0%} of the image"
+    records, meter = [], SaliencyMeter() if gt_paths else None
+    for i in tqdm(range(world.rank, len(ids), world.size), desc="masks", leave=False, disable=not world.is_main):
+        objects, share, reason = post_process(i, run, args, maps, import_files)
         png = dests[i] / f"{ids[i]}.png"
         if reason:
-            dropped[(dests[i], ids[i])] = reason
             png.unlink(missing_ok=True)  # a mask left by an earlier run would contradict dropped.txt
             objects = np.zeros_like(objects)
         else:
-            kept[(dests[i], ids[i])] = share
-            shares.append(share)
-            n_objects.append(int(objects.max()))
             common.save_objects_png(objects, png)
-        if final_meter is not None:
-            final_meter.add(torch.from_numpy(objects > 0).float(), gts[i])
-        if i < args.grid:
-            shown.append(torch.from_numpy(objects))
+        if meter is not None:
+            meter.add(torch.from_numpy(objects > 0).float(), read_gt(gt_paths[i], images[i]))
+        records.append((i, share, int(objects.max()), reason))
     seconds["postprocess"] = time.time() - t
+    if world.size > 1:
+        gathered = [None] * world.size
+        dist.all_gather_object(gathered, records)
+        records = sorted(r for part in gathered for r in part)
+        if meter is not None:
+            dist.all_reduce(meter.sums)
+    kept = [r for r in records if r[3] is None]
     if not kept:
         raise common.UserError(f"every one of the {len(ids)} images was dropped (under {args.min_area:.0%} object "
-                               f"after post-processing, e.g. {ids[0]}: {next(iter(dropped.values()))}); no mask was "
-                               "written: check the maps (or --mask-threshold / --min-area)")
-    if final_meter is not None:
-        metrics["final_masks"] = final_meter.result()
-        r = metrics["final_masks"]
+                               f"after post-processing, e.g. {ids[0]}: {records[0][3]}); no mask was written: "
+                               "check the maps (or --mask-threshold / --min-area)")
+    if meter is not None:
+        metrics["final_masks"] = r = meter.result()
         common.print0(f"  {'final masks':<14} MAE {r['mae']:.3f}  max-F {r['max_f']:.3f}  IoU {r['iou']:.3f}"
                       "  (dropped images count as empty)")
+    if dist.is_initialized():  # the rest is rank 0's: pictures and summaries
+        dist.destroy_process_group()
+    if not world.is_main:
+        return None
 
-    # ========================================================= picture: image | prior | prediction | mask | truth
+    # ========================================================= picture: image | prior | prediction | objects | truth
     if args.grid > 0:
-        tiles, ncol = [], 0
-        for i, mask in enumerate(shown):
-            row = [images[i]] + [(F.interpolate(m.at(i)[None, None], size=(S, S), mode="bilinear")[0] * 255).byte()
-                                 .expand(3, -1, -1) for m in (prior, final) if m is not None]
-            row.append(common.colorize(F.interpolate(mask[None, None].float(), size=(S, S))[0, 0]))  # the objects
-            if gts is not None:
-                row.append((F.interpolate(gts[i][None, None].float(), size=(S, S))[0] * 255).byte().expand(3, -1, -1))
+        prior = np.load(work / "maps_priors.npy", mmap_mode="r") if args.mode == "unsupervised" and maps is not None \
+            and args.proposals != "hierarchical" else None
+        tiles = []
+        for i in range(min(args.grid, len(ids))):
+            row = [Resized(images, S)[i]]
+            for m in (prior, maps if args.proposals != "hierarchical" else None):
+                if m is not None:
+                    row.append(torch.from_numpy(np.array(m[i]))[None].expand(3, -1, -1))
+            png = dests[i] / f"{ids[i]}.png"
+            objects = common.read_objects(png) if png.exists() else torch.zeros(1, 1, dtype=torch.uint8)
+            row.append(common.colorize(F.interpolate(objects[None, None].float(), size=(S, S))[0, 0]))
+            if gt_paths:
+                gt = read_gt(gt_paths[i], images[i])
+                row.append((F.interpolate(gt[None, None].float(), size=(S, S))[0] * 255).byte().expand(3, -1, -1))
             tiles += row
-            ncol = len(row)
-        common.save_grid(tiles, work / "grid.png", ncol, size=min(S, 160))
+        common.save_grid(tiles, work / "grid.png", len(row), size=min(S, 160))
 
     # =========================================================== save: dropped.txt and summary.json per mask folder
-    n = len(ids)
+    n, n_objects = len(ids), [r[2] for r in kept]
+    dropped = {ids[r[0]]: r[3] for r in records if r[3] is not None}
     summary = {
         "mode": args.mode, "proposals": args.proposals, "images": n, "kept": len(kept), "dropped": len(dropped),
-        "mean_foreground_share": float(np.mean(shares)),
+        "mean_foreground_share": float(np.mean([r[1] for r in kept])),
         "objects_per_image": {"mean": float(np.mean(n_objects)), "max": max(n_objects),
                               "histogram": {str(k): n_objects.count(k) for k in sorted(set(n_objects))}},
         "stages": {k: m for k, m in metrics.items() if m is not None},
-        "seconds": {"load": round(load_s, 2), **{k: round(v, 2) for k, v in seconds.items()}},
-        "images_per_second": {k: round(n / v, 1) for k, v in seconds.items() if k.startswith("prior_") and v > 0},
-        "dropped_why": {i: why for (_, i), why in dropped.items()},
-        "args": vars(args), "device": str(device),
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "images_per_second": {k: round(n / v, 1) for k, v in seconds.items() if v > 0},
+        "processes": world.size, "dropped_why": dropped, "args": vars(args), "device": str(world.device),
     }
     for d in sorted(set(dests)):
-        mine = sorted(i for (dd, i) in dropped if dd == d)
+        mine = sorted(ids[r[0]] for r in records if r[3] is not None and dests[r[0]] == d)
         common.write_text(d / "dropped.txt", "".join(f"{i}\n" for i in mine))
-        common.write_json(d / "summary.json", {**summary, "folder_kept": sum(1 for (dd, _) in kept if dd == d),
+        common.write_json(d / "summary.json", {**summary, "folder_kept": sum(1 for r in kept if dests[r[0]] == d),
                                                "folder_dropped": len(mine)})
     common.write_json(work / "summary.json", summary)
     if summary["stages"]:
@@ -902,6 +1003,7 @@ def main(argv=None):
     common.print0(f"{len(kept)} masks written to {', '.join(str(d) for d in sorted(set(dests)))}; "
                   f"{len(dropped)} images dropped (listed in dropped.txt); mean foreground "
                   f"{summary['mean_foreground_share']:.1%}; {summary['objects_per_image']['mean']:.2f} objects an image")
+    return summary
 
 
 if __name__ == "__main__":

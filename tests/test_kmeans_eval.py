@@ -3,6 +3,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -267,3 +268,8 @@ def test_components_give_each_object_its_own_prototype(tmp_path):
         miou[objects] = runs[0]["miou"]
         assert set(q["shown"][0][2].unique().tolist()) == ({0, 1} if objects == "image" else {0, 1, 2})
     assert miou["components"] == 100.0 and miou["image"] < 80
+    for n, s in enumerate(samples):  # the same objects as a mask of ids (mine_masks.py's format) read the same
+        label = common.read_label(s.label).numpy()
+        common.save_objects_png((label > 0) * (1 + (np.arange(24)[None, :] >= 12)), s.saliency)
+    q = ke.extract_prototypes(ColourNet(), samples, reader, "backbone", 0.5, 4, objects="components")
+    assert len(q["protos"]) == 12 and set(common.read_objects(samples[0].saliency).unique().tolist()) == {0, 1, 2}

@@ -1,5 +1,6 @@
 """mine_masks.py: priors, post-processing bounds, metrics by hand, the three modes end to end, resume, bad input."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from PIL import Image
 
 import common
 import mine_masks as mm
-from conftest import kill_after_first_checkpoint, one_line_error
+from conftest import Killed, kill_after_first_checkpoint, one_line_error
 
 TINY = ["--arch", "resnet18", "--size", "32", "--prior-size", "48", "--epochs", "1", "--batch-size", "8",
         "--workers", "0", "--grid", "2"]
@@ -174,7 +175,7 @@ def test_resume_after_a_kill_gives_the_masks_of_an_uninterrupted_run(tiny_root, 
         mm.main(["--data-root", str(tiny_root), "--split", "val", "--mask-root", str(tmp_path / name), "--out",
                  str(tmp_path / f"w_{name}"), "--rounds", "1", *TINY, "--epochs", "2", "--batch-size", "4",
                  "--prior-size", "32", "--mask-threshold", "0.3", *extra])
-        maps = common.torch_load(tmp_path / f"w_{name}" / "maps_round1.pt")["maps"]  # what the network predicted
+        maps = torch.from_numpy(np.load(tmp_path / f"w_{name}" / "maps_round1.npy"))  # what the network predicted
         return maps, {p.name: p.read_bytes() for p in (tmp_path / name / "saliency_unsup").glob("*.png")}
 
     whole = run("a")
@@ -288,3 +289,61 @@ def test_hierarchical_proposals_write_non_overlapping_regions(tmp_path):
         share = np.bincount(objects.ravel())[1:] / objects.size
         assert (share >= 0.01).all() and (share <= 0.5 + 1e-9).all()  # the area rule and --max-region
     assert json.loads((root / "saliency_h" / "summary.json").read_text())["proposals"] == "hierarchical"
+
+
+def test_a_run_killed_mid_stage_resumes_after_its_last_chunk(tiny_root, tmp_path, monkeypatch):
+    """Chunks of 3 images: the priors stage dies in its third chunk; --resume computes only the chunks left and
+    writes the masks of an uninterrupted run."""
+    monkeypatch.setattr(mm, "CHUNK", 3)
+    argv = ["--data-root", str(tiny_root), "--rounds", "0", "--prior-size", "32", "--grid", "0", "--workers", "0"]
+
+    def run(name, *extra):
+        mm.main(argv + ["--mask-root", str(tmp_path / name), "--out", str(tmp_path / f"w_{name}"), *extra])
+        return {p.name: p.read_bytes() for p in (tmp_path / name / "saliency_unsup").glob("*.png")}
+
+    whole = run("a")
+    real, calls, dying = mm.PRIORS["mbd"], [], [True]
+
+    def dies_in_chunk_3(x):
+        calls.append(len(x))
+        if len(calls) == 3 and dying and dying.pop():
+            raise Killed
+        return real(x)
+
+    monkeypatch.setitem(mm.PRIORS, "mbd", dies_in_chunk_3)
+    with pytest.raises(Killed):
+        run("b")
+    assert np.load(tmp_path / "w_b" / "priors.done.npy").tolist() == [True, True] + [False] * 5  # 20 images
+    calls.clear()
+    assert run("b", "--resume") == whole and len(whole) > 0
+    assert len(calls) == 5  # the five chunks left, not the two done
+
+
+def _mine_rank(rank, argv, port):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    mm.main(argv)
+
+
+def test_two_processes_write_the_masks_of_one(tiny_root, tmp_path, monkeypatch):
+    """What `torchrun --nproc_per_node 2 mine_masks.py` starts (gloo on the CPU), forked from this process: each
+    process mines every other chunk; the masks equal one process's. With a network round the two train it with DDP
+    (per-process BatchNorm statistics, as the release's GPUs: not bitwise one process's network)."""
+    monkeypatch.setattr(mm, "CHUNK", 3)
+    base = ["--data-root", str(tiny_root), "--prior-size", "32", "--grid", "2", "--workers", "0", "--device", "cpu"]
+
+    def masks(name):
+        return {p.name: p.read_bytes() for p in (tmp_path / name / "saliency_unsup").glob("*.png")}
+
+    one = base + ["--rounds", "0", "--mask-root", str(tmp_path / "one"), "--out", str(tmp_path / "w_one")]
+    mm.main(one)
+    two = base + ["--rounds", "0", "--mask-root", str(tmp_path / "two"), "--out", str(tmp_path / "w_two")]
+    torch.multiprocessing.start_processes(_mine_rank, args=(two, 29541), nprocs=2, start_method="fork")
+    assert masks("two") == masks("one") and len(masks("one")) > 0
+    summary = json.loads((tmp_path / "two" / "saliency_unsup" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["kept"] + summary["dropped"] == 20
+    net = base + ["--rounds", "1", *TINY[:4], "--epochs", "1", "--batch-size", "4", "--mask-threshold", "0.3",
+                  "--mask-root", str(tmp_path / "net"), "--out", str(tmp_path / "w_net")]
+    torch.multiprocessing.start_processes(_mine_rank, args=(net, 29542), nprocs=2, start_method="fork")
+    assert common.load_checkpoint(tmp_path / "w_net" / "round1.pth")["epoch"] == 1
+    assert np.load(tmp_path / "w_net" / "round1.done.npy").all()

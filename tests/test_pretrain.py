@@ -280,12 +280,19 @@ def test_bad_inputs_name_the_file(synth_root, tmp_path, capsys):
     assert len(pretrain.pretrain_samples([root], "train", "oracle")) == len(ids) - 1
     Image.new("L", (10, 10)).save(root / "saliency_oracle" / f"{ids[1]}.png")
     one_line_error(pretrain.main, args_for(root, tmp_path / "o"), capsys, f"{ids[1]}.png: mask is (10, 10) but image")
-    Image.new("L", (64, 64)).save(root / "saliency_oracle" / f"{ids[1]}.png")  # empty: skipped, not an error
-    assert len(pretrain.pretrain_samples([root], "train", "oracle")) == len(ids) - 2
+    Image.new("L", (64, 64)).save(root / "saliency_oracle" / f"{ids[1]}.png")  # empty: skipped, not an error,
+    samples = pretrain.pretrain_samples([root], "train", "oracle")  # by the loader (start-up opens no mask)
+    empty = next(s for s in samples if s.id == ids[1])
+    assert len(samples) == len(ids) - 1
+    with pytest.raises(UserError, match="no view pair"):
+        pretrain.ViewPairs([empty], 32)[(0, 0)]
+    for seed in range(4):  # drawn again and again, the empty one is always swapped for the other image
+        _, s_q, _, _, s_k, _ = pretrain.ViewPairs([empty, samples[-1]], 32)[(0, seed)]
+        assert s_q.any() and s_k.any()
     (root / "JPEGImages" / f"{ids[2]}.jpg").write_bytes(b"not a jpeg")
-    one_line_error(pretrain.main, args_for(root, tmp_path / "o"), capsys, f"{ids[2]}.jpg: cannot decode image")
+    one_line_error(pretrain.main, args_for(root, tmp_path / "o3"), capsys, f"{ids[2]}.jpg: cannot decode image")
     (root / "JPEGImages" / f"{ids[2]}.jpg").unlink()  # listed in the split, but gone: the image is named, not a mask
-    one_line_error(pretrain.main, args_for(root, tmp_path / "o"), capsys, f"{ids[2]}.jpg: image not found")
+    one_line_error(pretrain.main, args_for(root, tmp_path / "o2"), capsys, f"{ids[2]}.jpg: image not found")
     one_line_error(pretrain.main, args_for(synth_root, tmp_path / "o", "--batch-size", "1"), capsys,
                    "at least 2 images each")
     one_line_error(pretrain.main, args_for(copy_root(synth_root, tmp_path / "one", n=1)[0], tmp_path / "o"), capsys,
@@ -411,5 +418,5 @@ def test_view_pairs_of_object_masks(tmp_path):
     grey = (ids > 0).astype(np.uint8) * 255
     grey[17, 2:18] = 128  # an anti-aliased edge: not an id map
     Image.fromarray(grey).save(root / "saliency_unsup" / "a.png")
-    with pytest.raises(UserError, match="holds 255 beside other values"):
-        pretrain.pretrain_samples([root], None, "unsup")
+    with pytest.raises(UserError, match="holds 255 beside other values"):  # found where the loader reads it
+        pretrain.ViewPairs(pretrain.pretrain_samples([root], None, "unsup"), 16)[(0, 0)]

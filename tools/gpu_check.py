@@ -177,7 +177,8 @@ def part_d(res, out, S, device):
     profiler's top operators of each (OUT/profile_mining.txt)."""
     cpu, dev = device == "cpu", torch.device(device)
     files = list(dict.fromkeys(s.image for s in common.list_samples(voc_sized(out, cpu), "train")))  # each once
-    images = mine_masks.load_resized(files[:256], 48 if cpu else 224, 1 if cpu else 8)[0]
+    images = next(iter(mine_masks.chunk_images(files[:256], 48 if cpu else 224, [(0, 0, min(256, len(files)))],
+                                               0 if cpu else 8)))
     x = images.to(dev).float() / 255
     profiles = []
     for name, prior in mine_masks.PRIORS.items():
