@@ -2,7 +2,7 @@ r"""What the five MaskContrast scripts share, in the order a reader needs it:
 
 1. the model (paper Fig. 3): DeepLab-v3 on a dilated ResNet, an embedding head and a saliency head;
 2. the data: the PASCAL VOC layout, labels and their validation, augmentation (the colour part batched on the
-   device), seeded sampling, the paper's VOC + SBD download and the synthetic demo set;
+   device), seeded sampling and the paper's VOC + SBD download;
 3. evaluation: confusion matrix, mIoU, scoring at each label's original size, loading a network to evaluate;
 4. runtime plumbing: errors, flags, processes, precision, the training step with its divergence guard, checkpoints,
    output folders and pictures.
@@ -11,7 +11,6 @@ Read the scripts first (mine_masks.py → pretrain.py → linear_eval.py / kmean
 they call something.
 """
 import argparse
-import colorsys
 import contextlib
 import copy
 import hashlib
@@ -177,7 +176,6 @@ IGNORE = 255
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor")
-SYNTH_CLASSES = ("background", "disc", "square", "triangle", "cross")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -429,12 +427,11 @@ def scan_labels(splits, classes=0, workers=0):
     return classes or top + 1
 
 
-def class_names(n):
-    if n == len(VOC_CLASSES):
-        return list(VOC_CLASSES)
-    if n == len(SYNTH_CLASSES):
-        return list(SYNTH_CLASSES)
-    return [f"class{i}" for i in range(n)]
+def class_names(n, root=None):
+    """The n class names: ROOT/classes.txt (one a line) where the dataset has one, VOC's for 21, else class<i>."""
+    f = Path(root or ".") / "classes.txt"
+    names = f.read_text().split() if root and f.is_file() else VOC_CLASSES if n == len(VOC_CLASSES) else []
+    return list(names)[:n] if len(names) >= n else [f"class{i}" for i in range(n)]
 
 
 def save_label_png(label, path):
@@ -559,13 +556,6 @@ def normalize(x):
     return (x - mean) / std
 
 
-def denormalize(x):
-    """Normalised (…, 3, H, W) float → uint8, for pictures."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    return ((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
-
-
 def seg_train_transform(size, scale=(0.75, 1.25), degrees=5, border_label=0):
     """Supervised training (linear classifier, fine-tuning), as released: flip, scale jitter with a small rotation
     (the image warped bicubic, which torchvision does for PIL images only; the label nearest), resize to size×size.
@@ -604,11 +594,11 @@ class SeededSampler(torch.utils.data.Sampler):
     """Yields (index, seed) pairs: epoch e visits the n items in an order drawn from (seed, e), and each visit has
     its own augmentation seed. What a run sees is then a function of --seed alone: not of the worker count, not of
     whether it was resumed. Each of `world` processes takes every world-th visit (n // world each).
-    loop=True: one endless stream of epochs, for training by iterations; set_epoch(e, start) / set_start(start)
-    skip this process's first `start` visits (of epoch e, or of the stream), to resume exactly."""
+    loop=True: one endless stream of epochs, for training by iterations; set_epoch(e, start) skips this process's
+    first `start` visits (of epoch e, or of the stream), to resume exactly."""
 
-    def __init__(self, n, seed, rank=0, world=1, shuffle=True, loop=False):
-        self.n, self.seed, self.rank, self.world, self.shuffle, self.loop = n, seed, rank, world, shuffle, loop
+    def __init__(self, n, seed, rank=0, world=1, loop=False):
+        self.n, self.seed, self.rank, self.world, self.loop = n, seed, rank, world, loop
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start=0):
@@ -616,7 +606,7 @@ class SeededSampler(torch.utils.data.Sampler):
 
     def visits(self, epoch):
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        order = rng.permutation(self.n)
         return list(zip(order.tolist(), rng.integers(0, 2 ** 62, self.n).tolist()))
 
     def __len__(self):
@@ -758,100 +748,6 @@ def download_voc(root):
     return voc
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The synthetic demo dataset: four classes that differ by shape and texture, in random hues
-
-def _texture(kind, h, w, rng):
-    """A two-colour pattern in [0,1]: stripes, checkerboard, dots or rings, at a random phase and period."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    period = rng.uniform(5, 9)
-    if kind == 1:  # stripes at a random angle
-        a = rng.uniform(0, np.pi)
-        t = np.sin((xx * np.cos(a) + yy * np.sin(a)) * 2 * np.pi / period) > 0
-    elif kind == 2:  # checkerboard
-        t = ((xx // (period / 2)).astype(int) + (yy // (period / 2)).astype(int)) % 2 == 0
-    elif kind == 3:  # dots on a grid
-        t = ((xx % period) - period / 2) ** 2 + ((yy % period) - period / 2) ** 2 < (period / 3.2) ** 2
-    else:  # concentric rings
-        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-        t = np.sin(np.hypot(yy - cy, xx - cx) * 2 * np.pi / period) > 0
-    return t.astype(np.float32)
-
-
-def _shape(kind, h, w, cy, cx, r):
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    dy, dx = yy - cy, xx - cx
-    if kind == 1:
-        return dy ** 2 + dx ** 2 < r ** 2
-    if kind == 2:
-        return (np.abs(dy) < r * 0.85) & (np.abs(dx) < r * 0.85)
-    if kind == 3:  # upward triangle
-        return (dy < r * 0.7) & (dy > -r) & (np.abs(dx) < (dy + r) * 0.65)
-    return ((np.abs(dy) < r * 0.35) & (np.abs(dx) < r)) | ((np.abs(dx) < r * 0.35) & (np.abs(dy) < r))
-
-
-def _synthetic_image(size, rng, multi=False):
-    """One image: a noisy low-frequency background and one or two objects of one class (shape + texture), or with
-    `multi` two or three objects of different classes, apart. Returns (image, class label, object ids)."""
-    h = w = size
-    # background: a smooth, muted random colour field plus fine noise (so that "not flat" does not mean "object"),
-    # less saturated than the objects, as the backdrop of a photo usually is
-    coarse = rng.uniform(0, 1, (3, 4, 4)).astype(np.float32)
-    coarse = 0.35 * coarse + 0.65 * coarse.mean(0, keepdims=True)
-    bg = F.interpolate(torch.from_numpy(coarse)[None], size=(h, w), mode="bicubic",
-                       align_corners=False)[0].numpy().transpose(1, 2, 0)
-    bg = np.clip(bg + rng.normal(0, 0.05, (h, w, 3)), 0, 1)
-    cls = int(rng.integers(1, len(SYNTH_CLASSES)))
-    label, objects = np.zeros((h, w), np.uint8), np.zeros((h, w), np.uint8)
-    img = bg
-    classes = rng.permutation(np.arange(1, len(SYNTH_CLASSES)))[:int(rng.integers(2, 4))] if multi else None
-    for k in range(len(classes) if multi else 1 if rng.uniform() < 0.7 else 2):
-        if multi:  # the next object where it overlaps the others least (of 10 tries)
-            cls, r = int(classes[k]), rng.uniform(0.13, 0.2) * size
-            tries = [(rng.uniform(r, h - r), rng.uniform(r, w - r)) for _ in range(10)]
-            cy, cx = min(tries, key=lambda c: (_shape(cls, h, w, *c, r * 1.15) & (objects > 0)).sum())
-        else:
-            r = rng.uniform(0.22, 0.34) * size if k == 0 else rng.uniform(0.14, 0.2) * size
-            cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
-        m = _shape(cls, h, w, cy, cx, r)
-        # a light and a dark shade of one random hue: colour says nothing about the class, and demo.sh's full hue
-        # jitter (--color-jitter 0.4 0.4 0.4 0.5) covers every hue, so pretraining can learn to ignore it
-        hue = rng.uniform()
-        c1 = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.7, 0.9), rng.uniform(0.85, 1.0)))
-        c2 = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.7, 0.9), rng.uniform(0.25, 0.4)))
-        t = _texture(cls, h, w, rng)[..., None]
-        obj = t * c1 + (1 - t) * c2
-        img = np.where(m[..., None], obj, img)
-        label[m] = cls
-        objects[m] = k + 1
-    img = np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1)
-    return (img * 255).astype(np.uint8), label, objects
-
-
-def make_synthetic_voc(root, n_train=160, n_val=60, size=96, seed=0, multi=False):
-    """Write a small seeded VOC-layout dataset: one or two objects of one class per image on a textured background
-    (with `multi`: two or three objects of different classes); labels in SegmentationClass, the oracle object masks
-    in saliency_oracle (0/255; with `multi`, object ids), only ever used to score mined masks, or by tests. Returns
-    the root."""
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    for d in ("JPEGImages", "SegmentationClass", "saliency_oracle", "ImageSets/Segmentation"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    splits = {"train": [f"train_{i:04d}" for i in range(n_train)], "val": [f"val_{i:04d}" for i in range(n_val)]}
-    for ids in splits.values():
-        for i in ids:
-            img, label, objects = _synthetic_image(size, rng, multi)
-            Image.fromarray(img).save(root / "JPEGImages" / f"{i}.jpg", quality=92)
-            save_label_png(label, root / "SegmentationClass" / f"{i}.png")
-            if multi:
-                save_objects_png(objects, root / "saliency_oracle" / f"{i}.png")
-            else:
-                save_mask_png(label > 0, root / "saliency_oracle" / f"{i}.png")
-    for name, ids in splits.items():
-        (root / "ImageSets" / "Segmentation" / f"{name}.txt").write_text("\n".join(ids) + "\n")
-    return root
-
-
 # ======================================================================================================================
 # 3. Evaluation
 # ======================================================================================================================
@@ -881,19 +777,30 @@ def segmentation_loss(logits, y):
     return F.cross_entropy(logits.float(), y, ignore_index=IGNORE, reduction="sum") / (y != IGNORE).sum().clamp(min=1)
 
 
+@dataclass
+class Reader:
+    """How an evaluation's images reach the network: resized to size² (interpolation `resize`: bicubic as the
+    release), `batch_size` at a time by `workers` loader processes, onto `device`, under autocast `amp`."""
+    size: int
+    resize: str
+    batch_size: int
+    workers: int
+    device: torch.device
+    amp: str
+
+
 @torch.no_grad()
-def evaluate_segmentation(predict, samples, n_classes, size, device, amp, batch_size, workers, world=None, keep=0,
-                          refine=None, resize="bicubic"):
-    """Score `predict` (normalised images (B, 3, size, size) → class logits at any resolution; in eval mode, the
-    caller's part) on `samples` resized to size² (`resize` interpolation) and scored at each label's original size:
-    logits upsampled bilinearly to it, argmax, one confusion matrix over the whole split (each
-    process scores every world.size-th image, then the counts are summed). refine(sample, probs (C, H, W)) → probs
-    (e.g. a CRF) adds a second confusion matrix. Returns {conf, conf_refined, shown: the first `keep` (sample, label,
-    prediction)}."""
+def evaluate_segmentation(predict, samples, n_classes, reader, world=None, keep=0, refine=None):
+    """Score `predict` (normalised images B×3×S×S → class logits at any resolution; in eval mode, the caller's part)
+    on `samples` read by `reader` and scored at each label's original size: logits upsampled bilinearly to it,
+    argmax, one confusion matrix over the whole split (each process scores every world.size-th image, then the counts
+    are summed). refine(sample, probs C×H×W) → probs (e.g. a CRF) adds a second confusion matrix. Returns {conf,
+    conf_refined, shown: the first `keep` (sample, label, prediction)}."""
+    device, amp = reader.device, reader.amp
     world = world or World(device=device)
-    ds = torch.utils.data.Subset(SegDataset(samples, eval_transform(size, resize)),
+    ds = torch.utils.data.Subset(SegDataset(samples, eval_transform(reader.size, reader.resize)),
                                  range(world.rank, len(samples), world.size))
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
+    loader = torch.utils.data.DataLoader(ds, batch_size=reader.batch_size, num_workers=reader.workers,
                                          collate_fn=collate_keep_labels, pin_memory=device.type == "cuda")
     conf = torch.zeros(n_classes, n_classes, dtype=torch.long, device=device)
     conf_refined = torch.zeros_like(conf) if refine else None
@@ -1078,27 +985,12 @@ def setup_world(device="auto"):
     return World(0, 1, torch.device("cuda" if want_cuda else "cpu"))
 
 
-def single_process(script):
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError(f"{script} runs as one process (it batches its work instead); start it with python, not "
-                        "torchrun")
-
-
 def print0(*a, **k):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*a, **k, flush=True)
 
 
 @torch.no_grad()
-def all_gather_nograd(t):
-    """Concatenate a tensor from every process along dim 0 (no gradient flows back, as in MoCo)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return t
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
-
-
 def autocast(device, amp):
     """bf16 (default) or fp16 autocast on CUDA; full precision on CPU, where autocast buys nothing for convs."""
     if device.type != "cuda" or amp == "none":
@@ -1322,6 +1214,28 @@ def check_checkpoint(ck, path, kind=None):
 def load_checkpoint(path, kind=None):
     """A checkpoint written by these scripts; `kind` (e.g. 'pretrain') is checked when given."""
     return check_checkpoint(torch_load(path), path, kind)
+
+
+def restart_from_checkpoint(path, kind, made_with, afresh_on_change=False, **objects):
+    """The one way every script resumes (DINO's restart_from_checkpoint, with this project's checks): the `kind`
+    checkpoint at `path` must have been made with the settings `made_with` (name → value, the fingerprint of the
+    network a run started from among them), else one line names the first that differs — or, with
+    `afresh_on_change`, a note says the run starts afresh and None is returned. Each of `objects` (name → a module,
+    optimizer or TrainStep, or a tensor) then takes the checkpoint's entry of that name when it has one. Returns the
+    checkpoint (epoch, history, ...)."""
+    ck = load_checkpoint(path, kind)
+    for k, v in made_with.items():
+        old = ck.get("made_with", {}).get(k)
+        if old != v:
+            if afresh_on_change:
+                print0(f"note: {path} was made with {k} {old}, not {v}: starting afresh")
+                return None
+            raise UserError(f"{path}: was made with {k} {old}, not {v}; pass the same settings or another --out")
+    for name, obj in objects.items():
+        if obj is not None and ck.get(name) is not None:
+            obj.copy_(ck[name]) if torch.is_tensor(obj) else obj.load_state_dict(ck[name])
+    print0(f"resumed {path} at {'epoch' if 'epoch' in ck else 'step'} {ck.get('epoch', ck.get('step'))}")
+    return ck
 
 
 def model_from_checkpoint(ck, path="checkpoint", output_stride=8):

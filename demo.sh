@@ -15,7 +15,7 @@ done
 
 # 0. data: 160 train / 60 val images of 4 shape+texture classes in random hues, VOC layout; the oracle masks in
 #    saliency_oracle only score the mined masks
-python3 -c "import common; common.make_synthetic_voc('$OUT/data', n_train=$N_TRAIN, n_val=$N_VAL, size=$IMG, seed=0)"
+python3 tools/synthetic.py $OUT/data --train $N_TRAIN --val $N_VAL --size $IMG
 
 # 1. mask proposals without labels (Sec. 3.2): MB+ and robust-background priors, fused, post-processed as released,
 #    written to data/saliency_unsup/ (what pretrain.py reads); scored against the oracle masks. --rounds N would add

@@ -30,6 +30,7 @@ Outputs in --out: <name>/<fraction>_<split>/{checkpoint.pth, result.json}, split
 mean ± std per fraction), finetune_<fraction>.png (Fig. 5: image | ground truth | one prediction per initialisation).
 """
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -191,7 +192,7 @@ def train_mode(model, freeze_bn):
 
 @dataclass
 class RunConfig:
-    """What every run of a table shares."""
+    """What every run of a table shares: its settings, and the split every run is scored on."""
     arch: str
     size: int
     iters: int
@@ -205,14 +206,18 @@ class RunConfig:
     seed: int
     output_stride: int = 8
     resize: str = "bicubic"
+    resume: bool = False
+    val_samples: list = None
+    n_classes: int = 21
 
 
-def finetune_run(init, rec, cfg, split, train_samples, val_samples, n_classes, world, run_dir, resume, tag,
-                 n_figures=0):
-    """Train one initialisation on `train_samples` (the labelled subset) for cfg.iters iterations and score it on
-    `val_samples`. Checkpointed every cfg.save_every iterations and resumed exactly (data order, augmentation and
-    dropout depend only on the seed and the iteration). Returns the result dict, written to run_dir/result.json."""
-    device = world.device
+def finetune_run(init, rec, cfg, world, split, train_samples, run_dir, n_figures=0):
+    """Train one initialisation on `train_samples` (the labelled subset of `split`) for cfg.iters iterations and
+    score it on cfg.val_samples. Checkpointed every cfg.save_every iterations and resumed exactly (data order,
+    augmentation and dropout depend only on the seed and the iteration). Returns the result dict, written to
+    run_dir/result.json."""
+    device, val_samples, n_classes, resume = world.device, cfg.val_samples, cfg.n_classes, cfg.resume
+    tag = f"{init.name} {run_dir.name.replace('_', ' split ')}"
     # ========================================================================================================= model
     common.seed_all(cfg.seed, split)  # the same seed for every init and fraction of a split: paired comparisons
     model, report = build_model(init, cfg.arch, n_classes, cfg.output_stride)
@@ -240,20 +245,11 @@ def finetune_run(init, rec, cfg, split, train_samples, val_samples, n_classes, w
                                    "--low-lr, --low-head-lr)")
     # ======================================================================================================== resume
     ck_path, start = run_dir / "checkpoint.pth", 0
-    if resume and ck_path.exists():
-        ck = common.load_checkpoint(ck_path, kind="finetune")
-        if ck["run"].get("init_weights") != init_weights:
-            raise common.UserError(f"{ck_path}: started from network {ck['run'].get('init_weights')}, but "
-                                   f"{init.spec} now gives network {init_weights}; pass another --out")
-        if ck["run"]["iters"] != cfg.iters:
-            raise common.UserError(f"{ck_path}: was started with --iters {ck['run']['iters']}, now {cfg.iters}; pass "
-                                   "the same --iters or another --out")
-        model.load_state_dict(ck["model"])
-        if "optimizer" in ck:  # (a finished run keeps its weights only: it was killed before its score was written)
-            optimizer.load_state_dict(ck["optimizer"])
-            step.load_state_dict(ck["train_step"])
+    made_with = {"init_weights": init_weights, "iters": cfg.iters}
+    if resume and ck_path.exists():  # (a finished run's checkpoint keeps the weights alone: no optimizer to restore)
+        ck = common.restart_from_checkpoint(ck_path, "finetune", made_with, model=model, optimizer=optimizer,
+                                            train_step=step)
         start, step.checkpoint = ck["step"], ck_path
-        common.print0(f"  resuming {ck_path} from step {start}/{cfg.iters}")
     common.print0(f"  {tag}: {len(train_samples)} labelled images, lr {rec.lr:g} / classifier {rec.head_lr:g}, "
                   f"BatchNorm {'frozen' if rec.freeze_bn else 'trained'}; {report}")
     per_rank = cfg.batch_size // world.size
@@ -285,7 +281,7 @@ def finetune_run(init, rec, cfg, split, train_samples, val_samples, n_classes, w
             step.check(f"{tag}, step {it + 1}")
             if world.is_main:
                 common.save_checkpoint(ck_path, "finetune", model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                       train_step=step.state_dict(), step=it + 1, run=run,
+                                       train_step=step.state_dict(), step=it + 1, run=run, made_with=made_with,
                                        args={"arch": cfg.arch})
             step.checkpoint = ck_path
     bar.close()
@@ -294,11 +290,11 @@ def finetune_run(init, rec, cfg, split, train_samples, val_samples, n_classes, w
     train_s = time.time() - t0
     if world.is_main:  # a finished run keeps its weights only (or nothing, with --no-keep-checkpoints)
         common.save_checkpoint(ck_path, "finetune", model=model.state_dict(), step=cfg.iters, run=run,
-                               args={"arch": cfg.arch})
+                               made_with=made_with, args={"arch": cfg.arch})
     model.eval()
-    ev = common.evaluate_segmentation(partial(model.layer_features, layer="head"), val_samples, n_classes, cfg.size,
-                                      device, "none", per_rank, cfg.workers, world,  # scored in fp32, as the LC
-                                      keep=n_figures if world.is_main else 0, resize=cfg.resize)
+    reader = common.Reader(cfg.size, cfg.resize, per_rank, cfg.workers, device, "none")  # scored in fp32, as the LC
+    ev = common.evaluate_segmentation(partial(model.layer_features, layer="head"), val_samples, n_classes, reader,
+                                      world, keep=n_figures if world.is_main else 0)
     miou, iou = common.miou_from_confusion(ev["conf"])
     result = dict(init=init.name, init_spec=init.spec, init_weights=init_weights, n_labeled=len(train_samples),
                   iters=cfg.iters, output_stride=cfg.output_stride, **vars(rec),
@@ -429,6 +425,7 @@ def main(argv=None):
     if dist.is_initialized():
         dist.barrier()  # every process trains on the lists rank 0 read or wrote
         subsets = labeled_subsets(train_ids, args.fraction, args.splits, args.split_seed, splits_dir, write=False)
+    cfg = dataclasses.replace(cfg, resume=args.resume, val_samples=val_samples, n_classes=n_classes)
     common.print0(f"{len(train_samples)} {train_split} / {len(val_samples)} {args.val_split} images, {n_classes} "
                   "classes; subsets: " + ", ".join(f"{f:g} → {len(subsets[(f, 0)])}" for f in args.fraction)
                   + f" (lists in {splits_dir})")
@@ -442,9 +439,7 @@ def main(argv=None):
                 run_dir = out / init.name / fraction_tag(f, s)
                 subset = [train_samples[index[i]] for i in subsets[(f, s)]]
                 figures = args.n_figures if f == args.fraction[0] and s == 0 else 0
-                results[(init.name, f, s)] = finetune_run(init, rec, cfg, s, subset, val_samples, n_classes, world,
-                                                          run_dir, args.resume, f"{init.name} {f:g} split {s}",
-                                                          figures)
+                results[(init.name, f, s)] = finetune_run(init, rec, cfg, world, s, subset, run_dir, figures)
 
     # ================================================================================================ table, figure
     table, rows = {}, []

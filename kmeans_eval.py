@@ -29,6 +29,7 @@ query and its top-5 train neighbours), prototypes.pt (reused by --resume).
 """
 import argparse
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,15 +62,6 @@ def match_from_confusion(conf):
         mapping[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
         return mapping
     return conf.argmax(1)
-
-
-def match_clusters(pred, gt, n_clusters, n_classes, ignore_index=common.IGNORE):
-    """Cluster → class map (LongTensor (n_clusters,)) from cluster ids `pred` and labels `gt` of the same shape:
-    one-to-one Hungarian on IoU when n_clusters == n_classes (also when fewer), majority vote when overclustering."""
-    pred, gt = pred.reshape(-1).long(), gt.reshape(-1).long().to(pred.device)
-    keep = gt != ignore_index
-    conf = torch.bincount(pred[keep] * n_classes + gt[keep], minlength=n_clusters * n_classes)
-    return match_from_confusion(conf.reshape(n_clusters, n_classes).cpu())
 
 
 # ======================================================================================================================
@@ -139,17 +131,6 @@ def kmeans(x, k, seed, restarts=10, iters=300):
 # Prototypes
 # ======================================================================================================================
 
-@dataclass
-class Reader:
-    """How the images reach the network: resized to size² (interpolation `resize`), in batches, on `device`."""
-    size: int
-    resize: str
-    batch_size: int
-    workers: int
-    device: torch.device
-    amp: str
-
-
 class ProtoDataset(common.SegDataset):
     """An eval sample plus its foreground mask from a saliency folder (at the label's size), when one is used."""
 
@@ -170,18 +151,39 @@ def collate(batch):
     return torch.stack(xs), list(ys), list(ms), torch.tensor(idx)
 
 
+@dataclass
+class Clustering:
+    """K-Means as every setting runs it: one run per seed, each the best of `restarts`, after PCA whitening."""
+    seeds: list
+    restarts: int = 10
+    iters: int = 300
+    pca_dim: int = 32
+    absent: str = "zero"
+    fit_pixels: int = 100  # --cluster pixels: random pixels per image K-Means is fitted on
+
+
+@dataclass
+class Objects:
+    """What an object is for the prototypes: the saliency head's foreground (logit > `threshold`) or a mask's, one
+    object per image ('image', the paper's) or per connected component ('components', under the area rule
+    `min_area`); brought to each label's size `resize`d: thresholded then nearest (released) or, one per image,
+    as logits resized bilinearly then thresholded."""
+    threshold: float = 0.5
+    mode: str = "image"
+    min_area: float = 0.01
+    resize: str = "nearest"
+
+
 @torch.no_grad()
-def extract_prototypes(model, samples, reader, features, threshold, n_classes, keep=0, fg_resize="nearest",
-                       objects="image", min_area=0.01):
+def extract_prototypes(model, samples, reader, features, objects, n_classes, keep=0):
     """Object prototypes and, for scoring without re-reading anything, histograms of the ground-truth classes inside
-    each object and outside all objects of its image. The foreground is the saliency head's (logit > threshold at the
-    input size; the prototype weighted by the logit, as released) or, when the samples carry mask paths, the mask's
-    (a plain mean). objects 'image' (the paper's): one prototype per image over its whole foreground, a zero one when
-    it has none; 'components': one per connected component of the foreground that passes the area rule, so that an
-    image can hold objects of several classes. The objects go to each label's size nearest (released) or, one per
-    image with fg_resize 'bilinear', as upsampled logits then thresholded. Returns {protos (P, D), has_fg (P,),
-    image (P,), fg_hist (P, C), bg_hist (N, C), shown: the first `keep` (index, label, object map: 0 background,
-    p + 1 for prototype p), img_per_s}."""
+    each object and outside all objects of its image. The foreground is the saliency head's (the prototype weighted by
+    the logit, as released) or, when the samples carry mask paths, the mask's (a plain mean); `objects` says what an
+    object is: per image (the paper's; a zero prototype where there is no foreground) or per connected component, so
+    that an image can hold objects of several classes. Returns {protos P×D, has_fg (P,), image (P,), fg_hist P×C,
+    bg_hist N×C, shown: the first `keep` (index, label, object map: 0 background, p + 1 for prototype p),
+    img_per_s}."""
+    threshold, fg_resize = objects.threshold, objects.resize
     device = reader.device
     loader = DataLoader(ProtoDataset(samples, common.eval_transform(reader.size, reader.resize)),
                         batch_size=reader.batch_size, num_workers=reader.workers, collate_fn=collate,
@@ -198,9 +200,10 @@ def extract_prototypes(model, samples, reader, features, threshold, n_classes, k
         emb = emb.float()
         for j, y in enumerate(ys):
             fg = ms[j] if ms[j] is not None else logit[j].float() > threshold  # at the label's / input size
-            obj = fg.long() if objects == "image" else torch.from_numpy(common.components(fg.cpu(), min_area)).long()
+            obj = fg.long() if objects.mode == "image" else \
+                torch.from_numpy(common.components(fg.cpu(), objects.min_area)).long()
             obj = obj.to(device)                                               # obj: 0 background, 1…M objects
-            M = 1 if objects == "image" else int(obj.max())
+            M = 1 if objects.mode == "image" else int(obj.max())
             masks = [obj == m for m in range(1, M + 1)]
             if ms[j] is not None:  # a plain mean over each object, at the embedding's size
                 w = [F.adaptive_avg_pool2d(F.interpolate(mk[None, None].float(), size=x.shape[-2:])[0], emb.shape[-2:])
@@ -208,14 +211,14 @@ def extract_prototypes(model, samples, reader, features, threshold, n_classes, k
                 at_label = obj.cpu()
             else:  # the released weighting: the logit where foreground
                 w = [logit[j].float().clamp(min=0) * mk for mk in masks]
-                if objects == "image" and fg_resize == "bilinear":
+                if objects.mode == "image" and fg_resize == "bilinear":
                     at_label = (F.interpolate(logit[j][None, None].float(), size=y.shape, mode="bilinear",
                                               align_corners=False)[0, 0] > threshold).long().cpu()
                 else:  # thresholded at the input size, then resized (OpenCV's INTER_NEAREST)
                     at_label = F.interpolate(obj[None, None].float(), size=y.shape, mode="nearest")[0, 0].long().cpu()
             w = torch.stack(w) if w else emb.new_zeros(0, *emb.shape[-2:])  # w: M×h×w
             has = (w.flatten(1).sum(1) > 0).cpu()                              # has: M
-            if objects == "image" and not has[0]:
+            if objects.mode == "image" and not has[0]:
                 at_label = torch.zeros_like(at_label)
             protos.append(F.normalize(torch.einsum("dhw,mhw->md", emb[j], w), dim=1).cpu())  # zero stays zero
             has_fg.append(has)
@@ -226,8 +229,11 @@ def extract_prototypes(model, samples, reader, features, threshold, n_classes, k
             if len(shown) < keep:
                 shown.append((int(idx[j]), y, torch.where(at_label > 0, at_label + n_protos, 0)))
             n_protos += M
-    C = n_classes
-    return {"protos": torch.cat(protos), "has_fg": torch.cat(has_fg), "image": torch.cat(image),
+    C, protos = n_classes, torch.cat(protos)
+    if not protos.isfinite().all():
+        raise common.UserError(f"the network's {features} features are not finite on "
+                               f"{int((~protos.isfinite().all(1)).sum())} images (diverged weights?)")
+    return {"protos": protos, "has_fg": torch.cat(has_fg), "image": torch.cat(image),
             "fg_hist": torch.stack(fg_hist) if fg_hist else torch.zeros(0, C, dtype=torch.long),
             "bg_hist": torch.stack(bg_hist), "shown": shown, "img_per_s": len(samples) / (time.time() - t0)}
 
@@ -252,30 +258,21 @@ def score(conf_ids, mapping, n_classes, absent="skip"):
     return common.miou_from_confusion(conf, absent)
 
 
-def run_clustering(x, clustered, has_fg, fg_hist, bg_hist, n_total, seeds, restarts, iters, n_classes, absent):
-    """K-Means with n_total − 1 clusters on the rows of x, the prototypes of the images `clustered`, once per seed; an
-    image's foreground is painted with its cluster + 1, an image without foreground is all background (id 0)."""
+def run_clustering(x, clustered, q, n_total, kc, n_classes):
+    """K-Means with n_total − 1 clusters on the rows of x, the prototypes `clustered` of q (extract_prototypes),
+    once per seed of `kc`; an object is painted with its cluster + 1, an image's pixels outside its objects (and the
+    objects without foreground) are background (id 0)."""
     out = []
-    for s in seeds:
-        assign = kmeans(x, n_total - 1, s, restarts, iters)[0].cpu()
-        ids = torch.zeros(len(has_fg), dtype=torch.long)
+    for s in kc.seeds:
+        assign = kmeans(x, n_total - 1, s, kc.restarts, kc.iters)[0].cpu()
+        ids = torch.zeros(len(q["has_fg"]), dtype=torch.long)
         ids[clustered] = assign + 1
-        ids[~has_fg] = 0
-        conf_ids = cluster_confusion(ids, fg_hist, bg_hist, n_total)
+        ids[~q["has_fg"]] = 0
+        conf_ids = cluster_confusion(ids, q["fg_hist"], q["bg_hist"], n_total)
         mapping = match_from_confusion(conf_ids)
-        miou, iou = score(conf_ids, mapping, n_classes, absent)
+        miou, iou = score(conf_ids, mapping, n_classes, kc.absent)
         out.append({"seed": s, "miou": miou, "iou": iou, "ids": ids, "mapping": mapping})
     return out
-
-
-@dataclass
-class Clustering:
-    """K-Means as every setting runs it: one run per seed, each the best of `restarts`, after PCA whitening."""
-    seeds: list
-    restarts: int = 10
-    iters: int = 300
-    pca_dim: int = 32
-    absent: str = "zero"
 
 
 @torch.no_grad()
@@ -290,9 +287,9 @@ def pixel_features(model, samples, reader, features):
         yield F.normalize(f.float(), dim=1), ys, idx
 
 
-def pixel_kmeans(model, samples, reader, features, clusters, kc, n_classes, fit_pixels, keep=0):
+def pixel_kmeans(model, samples, reader, features, clusters, kc, n_classes, keep=0):
     """The paper's K-Means of the backbone baselines (supp. E): K-Means on per-pixel features — fitted on
-    `fit_pixels` random pixels of each image, PCA-whitened like the prototypes — then every pixel of every image
+    kc.fit_pixels random pixels of each image, PCA-whitened like the prototypes — then every pixel of every image
     assigned to its nearest centre, the assignment map upsampled (nearest) to the label's size, and the clusters
     matched to all classes, background included (Hungarian; majority vote when overclustering). Two passes over the
     images, so that no feature map is kept. Returns {n_total: [per seed {seed, miou, iou, mapping}]} and the first
@@ -301,7 +298,7 @@ def pixel_kmeans(model, samples, reader, features, clusters, kc, n_classes, fit_
     fit = []
     for f, _, _ in pixel_features(model, samples, reader, features):  # pass 1: the pixels K-Means is fitted on
         f = f.flatten(2).transpose(1, 2)  # N×hw×D
-        pick = torch.rand(f.shape[:2], generator=gen).argsort(1)[:, :fit_pixels].to(f.device)
+        pick = torch.rand(f.shape[:2], generator=gen).argsort(1)[:, :kc.fit_pixels].to(f.device)
         fit.append(f.gather(1, pick[..., None].expand(-1, -1, f.shape[2])).flatten(0, 1))
     fit = torch.cat(fit)
     if kc.pca_dim:
@@ -424,6 +421,34 @@ def summarise_runs(results, runs, clusters, n_classes, names, n_points):
     return rows
 
 
+def finish(results, rows, val, shown, out, line):
+    """The outputs: kmeans_val.png (the `shown` images' clusters), kmeans_eval.json, the table and a last line."""
+    if shown:
+        save_cluster_figure(val, shown, out / "kmeans_val.png")
+    common.write_json(out / "kmeans_eval.json", results)
+    common.print_table(rows, ["protocol", "matching", "mIoU %", "std"])
+    print(f"{line} → {out / 'kmeans_eval.json'}")
+    return results
+
+
+def use_masks(samples, d, root):
+    """Point the samples (of data root `root`) at their masks in folder d (mine_masks.py's): a mask missing is an
+    error unless mine_masks.py dropped the image (no foreground). Returns what the foreground comes from."""
+    if not d.is_dir():
+        raise common.UserError(f"{d}: no masks (this model takes its foreground from masks); run `python "
+                               f"mine_masks.py --data-root {root}` first, or pass --saliency/--mask-root")
+    dropped = common.dropped_ids(d)
+    for s in samples:
+        s.saliency = d / f"{s.id}.png"
+    missing = [s.saliency for s in samples if not s.saliency.is_file() and s.id not in dropped]
+    if missing:
+        raise common.UserError(f"{d}: no mask for {len(missing)} images (e.g. {missing[0].name}); run "
+                               f"mine_masks.py on {root} first")
+    if dropped:
+        print(f"{len(dropped)} images listed in {d / 'dropped.txt'} count as having no foreground")
+    return f"masks {d}"
+
+
 # ======================================================================================================================
 
 def get_args(argv=None):
@@ -489,7 +514,9 @@ def main(argv=None):
     # =========================================================================================================== args
     args = get_args(argv)
     common.resolve_download(args)
-    common.single_process("kmeans_eval.py")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise common.UserError("kmeans_eval.py runs as one process (it batches its work instead); start it with "
+                               "python, not torchrun")
     device = common.setup_world(args.device).device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -502,7 +529,7 @@ def main(argv=None):
     bank_samples = common.list_samples(args.data_root, retrieval_split, labels=True) if retrieval_split else []
     splits = {args.val_split: val, **({retrieval_split: bank_samples} if bank_samples else {})}
     n_classes = common.scan_labels(splits, args.classes, args.workers)
-    names = common.class_names(n_classes)
+    names = common.class_names(n_classes, args.data_root)
     clusters = args.clusters or [n_classes]
     resuming = common.prepare_out(out, args.resume, ["kmeans_eval.json", "prototypes.pt"])  # before any work
 
@@ -512,48 +539,31 @@ def main(argv=None):
     common.check_trained(kind, args.features, args.checkpoint)
     weights = common.fingerprint(model.state_dict())
     model = model.to(device).eval().requires_grad_(False)
-    reader = Reader(args.size, args.resize, args.batch_size, args.workers, device, args.amp)
+    reader = common.Reader(args.size, args.resize, args.batch_size, args.workers, device, args.amp)
     kc = Clustering([args.seed + i for i in range(args.n_seeds)], args.restarts, args.iters, args.pca_dim,
-                    args.absent_classes)
+                    args.absent_classes, args.fit_pixels)
+    objects = Objects(args.logit_threshold, args.objects, args.min_area, args.fg_resize)
     results = {"model": desc, "checkpoint": str(args.checkpoint), "weights": weights, "features": args.features,
                "cluster": args.cluster, "output_stride": args.output_stride, "resize": args.resize, "amp": args.amp,
                "images": len(val), "classes": names, "clusters": {}, "args": vars(args)}
-    if args.cluster == "pixels":
-        print(f"{desc} (network {weights}); {args.features} features of every pixel; {len(val)} {args.val_split} "
-              f"images, {n_classes} classes; device {device}")
-        t = time.time()
-        runs, shown, n_fit = pixel_kmeans(model, val, reader, args.features, clusters, kc, n_classes,
-                                          args.fit_pixels, keep=args.n_figures)
-        rows = summarise_runs(results, runs, clusters, n_classes, names, n_points=None)
-        if shown:
-            save_cluster_figure(val, shown, out / "kmeans_val.png")
-        results.update({"fit_pixels": n_fit, "kmeans_s": time.time() - t})
-        common.write_json(out / "kmeans_eval.json", results)
-        common.print_table(rows, ["protocol", "matching", "mIoU %", "std"])
-        print(f"pixel K-Means fitted on {n_fit} pixels × {len(kc.seeds)} seeds → {out / 'kmeans_eval.json'}")
-        return results
-    head = model.saliency_head is not None and args.features == "head"
-    if args.foreground == "head" and not head:
-        raise common.UserError(f"--foreground head: {args.checkpoint} has no saliency head to read with --features "
-                               f"{args.features}; use --foreground masks (written by mine_masks.py)")
-    fg_from = f"saliency head (logit > {args.logit_threshold}, {args.fg_resize} to the label)"
-    if args.foreground == "masks" or not head:  # the foreground from the masks mine_masks.py wrote
-        d = common.saliency_dir(args.data_root, args.saliency, args.mask_root)
-        fg_from = f"masks {d}"
-        if not d.is_dir():
-            raise common.UserError(f"{d}: no masks (this model takes its foreground from masks); run `python "
-                                   f"mine_masks.py --data-root {args.data_root}` first, or pass --saliency/--mask-root")
-        dropped = common.dropped_ids(d)
-        for s in val + bank_samples:
-            s.saliency = d / f"{s.id}.png"
-        missing = [s.saliency for s in val + bank_samples if not s.saliency.is_file() and s.id not in dropped]
-        if missing:
-            raise common.UserError(f"{d}: no mask for {len(missing)} images (e.g. {missing[0].name}); run "
-                                   f"mine_masks.py on {args.data_root} first")
-        if dropped:
-            print(f"{len(dropped)} images listed in {d / 'dropped.txt'} count as having no foreground")
-    print(f"{desc} (network {weights}); {args.features} features; foreground from {fg_from}; {len(val)} "
+    fg_from = "none: every pixel is clustered (the paper's protocol for the backbone baselines)"
+    if args.cluster == "objects":
+        head = model.saliency_head is not None and args.features == "head"
+        if args.foreground == "head" and not head:
+            raise common.UserError(f"--foreground head: {args.checkpoint} has no saliency head to read with "
+                                   f"--features {args.features}; use --foreground masks (written by mine_masks.py)")
+        fg_from = f"saliency head (logit > {args.logit_threshold}, {args.fg_resize} to the label)"
+        if args.foreground == "masks" or not head:  # the foreground from the masks mine_masks.py wrote
+            d = common.saliency_dir(args.data_root, args.saliency, args.mask_root)
+            fg_from = use_masks(val + bank_samples, d, args.data_root)
+    print(f"{desc} (network {weights}); {args.features} features; foreground: {fg_from}; {len(val)} "
           f"{args.val_split} images, {n_classes} classes; device {device}")
+    if args.cluster == "pixels":
+        t = time.time()
+        runs, shown, n_fit = pixel_kmeans(model, val, reader, args.features, clusters, kc, n_classes, args.n_figures)
+        results.update({"fit_pixels": n_fit, "kmeans_s": time.time() - t})
+        rows = summarise_runs(results, runs, clusters, n_classes, names, n_points=None)
+        return finish(results, rows, val, shown, out, f"pixel K-Means fitted on {n_fit} pixels × {len(kc.seeds)} seeds")
 
     # ===================================================================================================== prototypes
     t = time.time()
@@ -571,13 +581,8 @@ def main(argv=None):
             why = (f"network {old.get('weights')}, but {args.checkpoint} now holds network {weights}"
                    if old.get("weights") != weights else "other settings")
             print(f"note: {out / 'prototypes.pt'} holds the prototypes of {why}: computing them again")
-        q = extract_prototypes(model, val, reader, args.features, args.logit_threshold, n_classes, args.n_figures,
-                               args.fg_resize, args.objects, args.min_area)
-        b = extract_prototypes(model, bank_samples, reader, args.features, args.logit_threshold, n_classes, 0,
-                               args.fg_resize, args.objects, args.min_area) if bank_samples else None
-        if not q["protos"].isfinite().all():
-            raise common.UserError(f"{args.checkpoint}: the network's {args.features} features are not finite on "
-                                   f"{int((~q['protos'].isfinite().all(1)).sum())} val images (diverged weights?)")
+        q = extract_prototypes(model, val, reader, args.features, objects, n_classes, args.n_figures)
+        b = extract_prototypes(model, bank_samples, reader, args.features, objects, n_classes) if bank_samples else None
         common.save_object(out / "prototypes.pt", {"config": config, "val": q, "bank": b})
     t_extract = time.time() - t
     n_fg = int(q["image"][q["has_fg"]].unique().numel())
@@ -595,9 +600,8 @@ def main(argv=None):
                   "on small splits --pca-dim 0 (or a smaller one) can cluster better")
         x = pca_whiten(x, args.pca_dim)
     t = time.time()
-    runs = {n_total: run_clustering(x, clustered, q["has_fg"], q["fg_hist"], q["bg_hist"], n_total, kc.seeds,
-                                    kc.restarts, kc.iters, n_classes, kc.absent)
-            for n_total in clusters if 2 <= n_total <= len(x) + 1}
+    runs = {n_total: run_clustering(x, clustered, q, n_total, kc, n_classes) for n_total in clusters
+            if 2 <= n_total <= len(x) + 1}
     rows = summarise_runs(results, runs, clusters, n_classes, names, n_points=len(x))
     t_kmeans = time.time() - t
 
@@ -617,19 +621,17 @@ def main(argv=None):
                 save_retrieval_figure(val, bank_samples, q, b, r["neighbours"], out / "retrieval.png", args.n_figures)
 
     # =========================================================================================================== save
+    shown = []
     if runs and q["shown"]:
         first = next(iter(runs.values()))[0]
         ids = F.pad(first["ids"], (1, 0))  # object map value v → prototype v − 1's cluster; 0 → background
         shown = [(i, y, first["mapping"][ids[objmap]]) for i, y, objmap in q["shown"]]
-        save_cluster_figure(val, shown, out / "kmeans_val.png")
     results.update({"foreground": fg_from, "objects": args.objects, "with_foreground": n_fg,
                     "object_prototypes": int(q["has_fg"].sum()), "extract_s": t_extract,
                     "embed_img_per_s": q["img_per_s"], "kmeans_s": t_kmeans})
-    common.write_json(out / "kmeans_eval.json", results)
-    common.print_table(rows, ["protocol", "matching", "mIoU %", "std"])
-    print(f"K-Means of {len(x)} prototypes × {len(kc.seeds)} seeds × {len(clusters)} settings in {t_kmeans:.1f} s → "
-          f"{out / 'kmeans_eval.json'}")
-    return results
+    return finish(results, rows, val, shown, out, f"K-Means of {len(x)} prototypes × {len(kc.seeds)} seeds × "
+                  f"{len(clusters)} settings in {t_kmeans:.1f} s")
+
 
 if __name__ == "__main__":
     common.run_main(main)

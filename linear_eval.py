@@ -240,10 +240,10 @@ def overlay(img, pred, n_classes, alpha=0.5):
 
 
 @torch.no_grad()
-def predict_folder(probe, folder, out, size, device, amp, n_classes, crf, resize="bicubic"):
+def predict_folder(probe, folder, out, reader, n_classes, crf):
     """Segment the user's own images: a palette PNG and an overlay per image, at the image's own size."""
     probe.eval()
-    tf = common.eval_transform(size, resize)
+    device, amp, tf = reader.device, reader.amp, common.eval_transform(reader.size, reader.resize)
     samples = common.list_samples(folder)
     for s in tqdm(samples, desc="predict"):
         img = common.read_image(s.image)
@@ -315,8 +315,7 @@ def main(argv=None):
     common.resolve_download(args)
     world = common.setup_world(args.device)
     device = world.device
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: cuDNN picks its fastest kernels once
     out = Path(args.out or common.default_eval_out(args.checkpoint, args.arch, f"linear_{args.features}"))
 
     # =========================================================================================================== data
@@ -325,7 +324,7 @@ def main(argv=None):
     val_samples = common.list_samples(args.data_root, args.val_split, labels=True)
     n_classes = common.scan_labels({train_split: train_samples, args.val_split: val_samples}, args.classes,
                                    args.workers)
-    names = common.class_names(n_classes)
+    names = common.class_names(n_classes, args.data_root)
     resuming = common.prepare_out(out, args.resume, ["linear.pth"], is_main=world.is_main)  # before any work
     train_ds = common.SegDataset(train_samples, common.seg_train_transform(args.size, border_label=args.border_label))
     sampler = common.SeededSampler(len(train_ds), args.seed, world.rank, world.size)
@@ -340,13 +339,13 @@ def main(argv=None):
     probe = LinearProbe(model, args.features, n_classes).to(device)
     ddp_probe = probe if world.size == 1 else nn.parallel.DistributedDataParallel(probe)
     before = {k: v.detach().cpu().clone() for k, v in probe.model.state_dict().items()}
-    spec = {"checkpoint": str(args.checkpoint), "weights": common.fingerprint(before), "features": args.features,
+    spec = {"weights": common.fingerprint(before), "checkpoint": str(args.checkpoint), "features": args.features,
             "arch": model.arch, "output_stride": args.output_stride, "channels": probe.classifier.in_channels,
             "n_classes": n_classes}
+    reader = common.Reader(args.size, args.resize, loader.batch_size, args.workers, device, args.amp)
     scoring = {"size": args.size, "resize": args.resize, "amp": args.amp}
     common.print0(f"{desc}; {args.features} features ({spec['channels']}-d) → {n_classes} classes; train "
-                  f"{len(train_ds)} {train_split}, score {len(val_samples)} {args.val_split}; device {device}, "
-                  f"{world.size} process(es)")
+                  f"{len(train_ds)} {train_split}, score {len(val_samples)} {args.val_split}; device {device}")
 
     # ====================================================================================================== optimizer
     optimizer = torch.optim.SGD(probe.classifier.parameters(), lr=args.lr, momentum=args.momentum,
@@ -358,18 +357,9 @@ def main(argv=None):
     start, history, results = 0, [], None
     ck_path = out / "linear.pth"
     if resuming:
-        ck = common.load_checkpoint(ck_path, kind="linear")
-        old = ck["frozen"]
-        if old.get("weights") != spec["weights"]:
-            raise common.UserError(f"{ck_path}: was trained on network {old.get('weights')} ({old['checkpoint']}), "
-                                   f"but {args.checkpoint} now holds network {spec['weights']}; pass another --out")
-        if old != spec:
-            raise common.UserError(f"{ck_path}: was trained on {old}, not {spec}; pass another --out")
-        probe.classifier.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        step.load_state_dict(ck["train_step"])
+        ck = common.restart_from_checkpoint(ck_path, "linear", spec, model=probe.classifier, optimizer=optimizer,
+                                            train_step=step)
         start, history, results, step.checkpoint = ck["epoch"], ck["history"], ck.get("results"), ck_path
-        common.print0(f"resumed {ck_path} at epoch {start}/{args.epochs}")
 
     # ======================================================================================================= training
     t0 = time.time()
@@ -395,7 +385,7 @@ def main(argv=None):
         if world.is_main:
             common.save_checkpoint(ck_path, "linear", model=probe.classifier.state_dict(),
                                    optimizer=optimizer.state_dict(), train_step=step.state_dict(), epoch=epoch + 1,
-                                   history=history, args=vars(args), frozen=spec)
+                                   history=history, args=vars(args), made_with=spec)
         step.checkpoint = ck_path
     train_s = time.time() - t0
     check_frozen(probe.model, before)  # raises if anything but the new layer changed
@@ -406,9 +396,8 @@ def main(argv=None):
         te = time.time()
         crf = CRFRefine(device, args.n_figures if world.is_main else 0) if args.crf else None
         probe.eval()
-        ev = common.evaluate_segmentation(probe, val_samples, n_classes, args.size, device, args.amp,
-                                          loader.batch_size, args.workers, world,
-                                          keep=args.n_figures if world.is_main else 0, refine=crf, resize=args.resize)
+        ev = common.evaluate_segmentation(probe, val_samples, n_classes, reader, world,
+                                          keep=args.n_figures if world.is_main else 0, refine=crf)
         miou, iou = common.miou_from_confusion(ev["conf"])
         results = {"miou": miou, "per_class_iou": dict(zip(names, iou.tolist())),
                    "pixel_acc": float(ev["conf"].diag().sum() / ev["conf"].sum().clamp(min=1) * 100),
@@ -424,7 +413,7 @@ def main(argv=None):
             save_figure(ev["shown"], crf.shown if crf else None, out / "linear_val.png")
             common.save_checkpoint(ck_path, "linear", model=probe.classifier.state_dict(),
                                    optimizer=optimizer.state_dict(), train_step=step.state_dict(), epoch=args.epochs,
-                                   history=history, args=vars(args), frozen=spec, results=results)
+                                   history=history, args=vars(args), made_with=spec, results=results)
             common.write_json(out / "linear_eval.json", {**results, "history": history, "args": vars(args)})
     rows = [(n, results["per_class_iou"][n]) + ((results["per_class_iou_crf"][n],) if "miou_crf" in results else ())
             for n in names]
@@ -435,8 +424,7 @@ def main(argv=None):
                   + f" on {len(val_samples)} {args.val_split} images → {out / 'linear_eval.json'}")
 
     if args.predict and world.is_main:
-        n = predict_folder(probe, args.predict, out / "predict", args.size, device, args.amp, n_classes, args.crf,
-                           args.resize)
+        n = predict_folder(probe, args.predict, out / "predict", reader, n_classes, args.crf)
         common.print0(f"segmented {n} images of {args.predict} → {out / 'predict'}")
     if dist.is_initialized():
         dist.destroy_process_group()

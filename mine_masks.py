@@ -437,13 +437,14 @@ def barrier(world):
         dist.barrier()
 
 
-def stage_arrays(work, stage, names, shape, config, resume, world):
+def stage_arrays(run, stage, names, shape):
     """Memory-mapped uint8 arrays work/maps_<name>.npy of `shape` for the outputs `names` of one stage, with the
     stage's chunk flags (work/<stage>.done.npy, set once a chunk's rows are on disk) and settings (<stage>.json).
     With --resume and the same settings the arrays are reopened and the finished chunks kept; else made afresh."""
+    work, world, config = run.work, run.world, {**run.config, "stage": stage}
     meta, done_path = work / f"{stage}.json", work / f"{stage}.done.npy"
     paths = [work / f"maps_{n}.npy" for n in names]
-    same = resume and meta.is_file() and json.loads(meta.read_text()) == config and all(p.is_file() for p in paths)
+    same = run.resume and meta.is_file() and json.loads(meta.read_text()) == config and all(p.is_file() for p in paths)
     if not same and world.is_main:
         for p in paths:
             np.lib.format.open_memmap(p, "w+", np.uint8, shape).flush()
@@ -453,32 +454,32 @@ def stage_arrays(work, stage, names, shape, config, resume, world):
     return [np.load(p, mmap_mode="r+") for p in paths], np.load(done_path, mmap_mode="r+")
 
 
-def stage_done(work, stage, config, resume):
+def stage_done(run, stage):
     """Whether --resume finds this stage finished with these settings."""
-    meta, done = work / f"{stage}.json", work / f"{stage}.done.npy"
-    return bool(resume and meta.is_file() and json.loads(meta.read_text()) == config and done.is_file()
-                and np.load(done).all())
+    meta, done = run.work / f"{stage}.json", run.work / f"{stage}.done.npy"
+    return bool(run.resume and meta.is_file() and json.loads(meta.read_text()) == {**run.config, "stage": stage}
+                and done.is_file() and np.load(done).all())
 
 
-def fill_stage(work, stage, names, shape, config, resume, world, produce, images, size, workers):
+def fill_stage(run, stage, names, shape, produce):
     """Run `produce` (a chunk's uint8 images (n, 3, S, S) → one uint8 array per name) over this process's unfinished
     chunks, writing each chunk's rows before its flag. Returns (the arrays, read-only, once every process is done;
     seconds)."""
-    arrays, done = stage_arrays(work, stage, names, shape, config, resume, world)
-    todo = [c for c in chunks(shape[0], world) if not done[c[0]]]
+    arrays, done = stage_arrays(run, stage, names, shape)
+    todo = [c for c in chunks(shape[0], run.world) if not done[c[0]]]
     if done.all():
-        common.print0(f"[{stage}] reused from {work}")
+        common.print0(f"[{stage}] reused from {run.work}")
     t = time.time()
-    for (c, a, b), x in zip(todo, tqdm(chunk_images(images, size, todo, workers), desc=stage, total=len(todo),
-                                       leave=False, disable=not todo)):
+    for (c, a, b), x in zip(todo, tqdm(chunk_images(run.images, run.size, todo, run.workers), desc=stage,
+                                       total=len(todo), leave=False, disable=not todo)):
         for arr, rows in zip(arrays, produce(x)):
             arr[a:b] = np.asarray(rows)
             arr.flush()
         done[c] = True
         done.flush()
     seconds = time.time() - t
-    barrier(world)
-    return [np.load(work / f"maps_{n}.npy", mmap_mode="r") for n in names], seconds
+    barrier(run.world)
+    return [np.load(run.work / f"maps_{n}.npy", mmap_mode="r") for n in names], seconds
 
 
 def score(maps, images, gt_paths, world, name):
@@ -623,17 +624,11 @@ def train_saliency_network(data, net, seed, world, checkpoint, resume, tag):
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=net.lr, weight_decay=net.wd)
     step = common.TrainStep(optimizer, [model], device, net.amp,
                             advice=f"a learning rate too high (--lr {net.lr:g})")
-    total, start = net.epochs * len(loader), 0
-    if resume and checkpoint.is_file():
-        ck = common.load_checkpoint(checkpoint, kind="saliency")
-        if ck["net"] == asdict(net) and ck["seed"] == seed:
-            model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            step.load_state_dict(ck["train_step"])
-            start, step.checkpoint = ck["epoch"], checkpoint
-            common.print0(f"[{tag}] resumed {checkpoint} at epoch {start}")
-        else:
-            common.print0(f"[{tag}] {checkpoint} was trained with other settings: starting afresh")
+    total, start, made_with = net.epochs * len(loader), 0, {"net": asdict(net), "seed": seed}
+    ck = common.restart_from_checkpoint(checkpoint, "saliency", made_with, afresh_on_change=True, model=model,
+                                        optimizer=optimizer, train_step=step) if resume and checkpoint.is_file() else None
+    if ck:
+        start, step.checkpoint = ck["epoch"], checkpoint
     common.print0(f"[{tag}] {len(data)} images, {total} steps; {report}")
     for epoch in range(start, net.epochs):
         sampler.set_epoch(epoch)
@@ -659,7 +654,7 @@ def train_saliency_network(data, net, seed, world, checkpoint, resume, tag):
         common.print0(f"[{tag}] epoch {epoch + 1}/{net.epochs} loss {float(loss_sum) / len(loader):.4f}")
         if world.is_main:
             common.save_checkpoint(checkpoint, "saliency", model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                   train_step=step.state_dict(), epoch=epoch + 1, net=asdict(net), seed=seed,
+                                   train_step=step.state_dict(), epoch=epoch + 1, made_with=made_with,
                                    args={"arch": net.arch})
         barrier(world)
         step.checkpoint = checkpoint
@@ -727,8 +722,7 @@ def priors_stage(run, priors, batch, metrics, seconds):
 
     names = [f"prior_{p}" for p in priors if each] + ["priors"]
     shape = (len(run.images), run.size, run.size)
-    arrays, s = fill_stage(run.work, "priors", names, shape, {**run.config, "stage": "priors"}, run.resume,
-                           run.world, produce, run.images, run.size, run.workers)
+    arrays, s = fill_stage(run, "priors", names, shape, produce)
     for name, arr in zip(names, arrays):
         metrics[name] = score(arr, run.images, run.gt_paths, run.world, name)
     seconds["priors"] = s
@@ -737,30 +731,44 @@ def priors_stage(run, priors, batch, metrics, seconds):
 
 def network_stage(run, name, data, net, seed, metrics, seconds):
     """A saliency network trained on `data` (a Labelled set), then its maps of every image."""
-    t, config = time.time(), {**run.config, "stage": name}
-    model = None if stage_done(run.work, name, config, run.resume) else \
+    t = time.time()
+    model = None if stage_done(run, name) else \
         train_saliency_network(data, net, seed, run.world, run.work / f"{name}.pth", run.resume, name)
     shape = (len(run.images), run.size, run.size)
     produce = lambda x: [predict_saliency(model, x, net.size, net.batch_size, run.world.device, net.amp,  # noqa: E731
                                           run.size)]
-    (maps,), _ = fill_stage(run.work, name, [name], shape, config, run.resume, run.world, produce, run.images,
-                            run.size, run.workers)
+    (maps,), _ = fill_stage(run, name, [name], shape, produce)
     metrics[name], seconds[name] = score(maps, run.images, run.gt_paths, run.world, name), time.time() - t
     return maps
 
 
-def mine_unsupervised(run, priors, prior_batch, rounds, prior_weight, net, fg, bg, seed, metrics, seconds):
-    """Priors → `rounds` saliency networks, each on the confident pixels of the last stage's maps."""
-    final = priors_stage(run, priors, prior_batch, metrics, seconds)
-    for r in range(1, rounds + 1):
+@dataclass
+class Bootstrap:
+    """The unsupervised mode's settings: the priors (their batch), then `rounds` networks, each on the pixels of the
+    last maps above `fg` (object) or below `bg` (background), after the first mixed with the priors by
+    `prior_weight`."""
+    priors: list
+    prior_batch: int = 256
+    rounds: int = 2
+    prior_weight: float = 0.5
+    fg: float = 0.7
+    bg: float = 0.3
+    seed: int = 0
+
+
+def mine_unsupervised(run, boot, net, metrics, seconds):
+    """Priors → boot.rounds saliency networks, each on the confident pixels of the last stage's maps."""
+    fg, bg = boot.fg, boot.bg
+    final = priors_stage(run, boot.priors, boot.prior_batch, metrics, seconds)
+    for r in range(1, boot.rounds + 1):
         # later rounds stay anchored to the priors: a young network calls most of its uncertain band object, and
         # relabelling from its maps alone snowballs (synthetic demo: 30 % → 57 % → 92 % of the pixels "object")
         target = run.work / f"maps_{'priors' if r == 1 else f'round{r - 1}'}.npy"
-        labels = PseudoLabels(target, fg, bg, run.work / "maps_priors.npy" if r > 1 else None, prior_weight)
+        labels = PseudoLabels(target, fg, bg, run.work / "maps_priors.npy" if r > 1 else None, boot.prior_weight)
         common.print0(f"[round{r}] learns from the confident pixels (> {fg}, < {bg}) of the "
                       f"{'priors' if r == 1 else f'round {r - 1} predictions mixed with the priors'}")
         data = Labelled(run.images, labels, run.size, net.size)
-        final = network_stage(run, f"round{r}", data, net, seed + r, metrics, seconds)
+        final = network_stage(run, f"round{r}", data, net, boot.seed + r, metrics, seconds)
     return final
 
 
@@ -768,9 +776,7 @@ def regions_stage(run, batch, merge_below, max_region, seconds):
     """Table 2a's hierarchical segmentation: every image's regions, uint8 ids on the superpixel lattice."""
     n = 16 * slic_cell(run.size)  # slic's lattice: grid × cell
     produce = lambda x: [hierarchical_regions(x, batch, run.world.device, merge_below, max_region)]  # noqa: E731
-    (regions,), seconds["regions"] = fill_stage(run.work, "regions", ["regions"], (len(run.images), n, n),
-                                                {**run.config, "stage": "regions"}, run.resume, run.world, produce,
-                                                run.images, run.size, run.workers)
+    (regions,), seconds["regions"] = fill_stage(run, "regions", ["regions"], (len(run.images), n, n), produce)
     return regions
 
 
@@ -788,6 +794,39 @@ def post_process(i, run, args, maps, import_files):
         return mask.astype(np.uint8), share, reason
     objects = common.components(mask, args.min_area)
     return objects, share, reason or (None if objects.any() else f"no component of {args.min_area:.0%} of the image")
+
+
+def mining_targets(roots, split, name, mask_root):
+    """The images to mine and the folder each one's mask goes to (MASK_ROOT/saliency_<name>/); two images whose
+    masks would land on the same file are refused."""
+    samples, dests, seen = [], [], {}
+    for root in roots:
+        for s in common.list_samples(root, split):
+            d = common.saliency_dir(root, name, mask_root)
+            if seen.setdefault((d, s.id), s.image) != s.image:
+                raise common.UserError(f"{s.image}: id '{s.id}' also names {seen[(d, s.id)]}, and both masks would go "
+                                       f"to {d}/{s.id}.png; mine them under different --mask-root or --name")
+            samples.append(s)
+            dests.append(d)
+    return samples, dests
+
+
+def save_picture(run, masks, prior, final):
+    """work/grid.png, a row per image of `masks` (the first images): the image, its prior and final maps (when given),
+    its objects, its ground truth."""
+    S, tiles = run.size, []
+    for i, png in enumerate(masks):
+        row = [Resized(run.images, S)[i]]
+        for m in (prior, final):
+            if m is not None:
+                row.append(torch.from_numpy(np.array(m[i]))[None].expand(3, -1, -1))
+        objects = common.read_objects(png) if png.exists() else torch.zeros(1, 1, dtype=torch.uint8)
+        row.append(common.colorize(F.interpolate(objects[None, None].float(), size=(S, S))[0, 0]))
+        if run.gt_paths:
+            gt = read_gt(run.gt_paths[i], run.images[i])
+            row.append((F.interpolate(gt[None, None].float(), size=(S, S))[0] * 255).byte().expand(3, -1, -1))
+        tiles += row
+    common.save_grid(tiles, run.work / "grid.png", len(row), size=min(S, 160))
 
 
 # ======================================================================================================================
@@ -880,16 +919,7 @@ def main(argv=None):
                     args.workers, args.amp)
 
     # =========================================================================================================== data
-    samples, dests = [], []  # the images to mine, and the folder each one's mask goes to
-    for root in args.data_root:
-        for s in common.list_samples(root, args.split):
-            samples.append(s)
-            dests.append(common.saliency_dir(root, args.name, args.mask_root))
-    seen = {}
-    for s, d in zip(samples, dests):
-        if seen.setdefault((d, s.id), s.image) != s.image:
-            raise common.UserError(f"{s.image}: id '{s.id}' also names {seen[(d, s.id)]}, and both masks would go to "
-                                   f"{d}/{s.id}.png; mine them under different --mask-root or --name")
+    samples, dests = mining_targets(args.data_root, args.split, args.name, args.mask_root)
     ids, images = [s.id for s in samples], [s.image for s in samples]
     gt_paths = match_by_stem(args.eval_masks, ids, "ground-truth mask") if args.eval_masks else None
     import_files = match_by_stem(args.import_maps, ids, "saliency map") if args.import_maps else None
@@ -913,8 +943,9 @@ def main(argv=None):
     if args.proposals == "hierarchical":  # no saliency maps: regions of the images themselves
         maps = regions_stage(run, args.prior_batch, args.merge_below, args.max_region, seconds)
     elif args.mode == "unsupervised":
-        maps = mine_unsupervised(run, args.priors, args.prior_batch, args.rounds, args.prior_weight, net,
-                                 args.fg_thresh, args.bg_thresh, args.seed, metrics, seconds)
+        boot = Bootstrap(args.priors, args.prior_batch, args.rounds, args.prior_weight, args.fg_thresh, args.bg_thresh,
+                         args.seed)
+        maps = mine_unsupervised(run, boot, net, metrics, seconds)
     elif args.mode == "supervised":
         tr = [s.image for s in common.list_samples(args.train_images)]
         masks = match_by_stem(args.train_masks, [Path(p).stem for p in tr], "training mask")
@@ -963,20 +994,8 @@ def main(argv=None):
     if args.grid > 0:
         prior = np.load(work / "maps_priors.npy", mmap_mode="r") if args.mode == "unsupervised" and maps is not None \
             and args.proposals != "hierarchical" else None
-        tiles = []
-        for i in range(min(args.grid, len(ids))):
-            row = [Resized(images, S)[i]]
-            for m in (prior, maps if args.proposals != "hierarchical" else None):
-                if m is not None:
-                    row.append(torch.from_numpy(np.array(m[i]))[None].expand(3, -1, -1))
-            png = dests[i] / f"{ids[i]}.png"
-            objects = common.read_objects(png) if png.exists() else torch.zeros(1, 1, dtype=torch.uint8)
-            row.append(common.colorize(F.interpolate(objects[None, None].float(), size=(S, S))[0, 0]))
-            if gt_paths:
-                gt = read_gt(gt_paths[i], images[i])
-                row.append((F.interpolate(gt[None, None].float(), size=(S, S))[0] * 255).byte().expand(3, -1, -1))
-            tiles += row
-        common.save_grid(tiles, work / "grid.png", len(row), size=min(S, 160))
+        save_picture(run, [dests[i] / f"{ids[i]}.png" for i in range(min(args.grid, len(ids)))], prior,
+                     maps if args.proposals != "hierarchical" else None)
 
     # =========================================================== save: dropped.txt and summary.json per mask folder
     n, n_objects = len(ids), [r[2] for r in kept]

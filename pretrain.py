@@ -19,22 +19,18 @@ Commands
       --epochs 40 --out runs/pretrain_sup
   # two GPUs as the release trained: --batch-size stays global (32 per GPU), keys shuffled across GPUs
   torchrun --nproc_per_node 2 pretrain.py --data-root VOC --batch-size 64
-  # speed: training steps on the real pipeline → images/s, peak memory, data-wait share, MFU (OUT/benchmark.json);
-  # the data pipeline alone → view pairs/s per loader core and of the colour step on the device
-  python pretrain.py --data-root VOC --benchmark 50
-  python pretrain.py --data-root VOC --benchmark-data 500
+  # speed (images/s, data wait, MFU, the profiler's top operators): python tools/bench_pretrain.py --data-root VOC
   # the CPU demo on synthetic data: demo.sh
 
 Outputs in --out: checkpoint.pth (every epoch; the query network f_q is what the later stages load), log.json,
 results.json, views.png (the first batch's view pairs with their masks).
 """
 import argparse
-import contextlib
 import copy
 import json
 import os
-import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +39,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import draw_segmentation_masks
 from tqdm import tqdm
 
@@ -108,6 +103,22 @@ def saliency_loss(aux, s_q, balanced=True):
 # Algorithm 1: the query network, the momentum key network and the queue (the shape of MoCo's builder)
 # ======================================================================================================================
 
+def all_gather_nograd(t):
+    """Concatenate a tensor from every process along dim 0 (no gradient flows back, as in MoCo)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def denormalize(x):
+    """Normalised (…, 3, H, W) float → uint8, for pictures."""
+    mean = torch.tensor(common.IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(common.IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return ((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def majority_pool(s, size):
     """Object ids (N, H, W) brought to `size`: each cell takes the id most of its pixels carry, background on a tie
     (with one object: a cell is salient when more than half of its pixels are)."""
@@ -120,8 +131,8 @@ def gather_prototypes(p_k):
     rows to the largest count for all_gather."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return p_k
-    counts = common.all_gather_nograd(torch.tensor([len(p_k)], device=p_k.device)).tolist()
-    rows = common.all_gather_nograd(F.pad(p_k, (0, 0, 0, max(counts) - len(p_k))))
+    counts = all_gather_nograd(torch.tensor([len(p_k)], device=p_k.device)).tolist()
+    rows = all_gather_nograd(F.pad(p_k, (0, 0, 0, max(counts) - len(p_k))))
     return torch.cat([rows[r * max(counts):r * max(counts) + c] for r, c in enumerate(counts)])
 
 
@@ -134,23 +145,39 @@ def in_parts(f, x, parts, **kw):
     return [torch.cat(o) if o[0] is not None else None for o in zip(*outs)]
 
 
-class MaskContrast(nn.Module):
-    """f_q, f_k and the queue. `parts` > 1 makes one process train as the release's `parts` GPUs did: each part of the
-    batch is encoded with its own BatchNorm statistics and contrasted with its own prototypes (plus the queue, which
-    takes every part's), and the loss is the mean of the parts' losses (DDP averages the GPUs' gradients)."""
+@dataclass
+class Contrast:
+    """Algorithm 1's settings (K, m, τ) and the choices around it (the README's table of differences): E-Net weights,
+    the balanced BCE and its weight, the momentum encoder (Table 2b), the loss on every input pixel or at stride 8,
+    backbone layers kept frozen, and `parts` > 1 to train on one process as the release's `parts` GPUs did (each part
+    of the batch with its own BatchNorm statistics and prototypes, the loss the mean of the parts')."""
+    queue_size: int = 128
+    momentum: float = 0.999
+    temperature: float = 0.5
+    weighting: str = "enet"
+    balanced_bce: bool = True
+    sal_weight: float = 1.0
+    momentum_encoder: bool = True
+    loss_res: str = "input"
+    freeze: tuple = ()
+    parts: int = 1
 
-    def __init__(self, f_q, queue_size=128, momentum=0.999, temperature=0.5, weighting="enet", balanced_bce=True,
-                 sal_weight=1.0, momentum_encoder=True, loss_res="input", freeze=(), parts=1):
+
+class MaskContrast(nn.Module):
+    """f_q, f_k and the queue of Algorithm 1, with the settings `cfg`."""
+
+    def __init__(self, f_q, cfg=Contrast()):
         super().__init__()
-        self.m, self.T, self.weighting, self.balanced_bce, self.sal_weight = (momentum, temperature, weighting,
-                                                                               balanced_bce, sal_weight)
-        self.loss_res, self.freeze, self.parts = loss_res, list(freeze), parts
+        self.m, self.T, self.weighting, self.balanced_bce, self.sal_weight = (cfg.momentum, cfg.temperature,
+                                                                               cfg.weighting, cfg.balanced_bce,
+                                                                               cfg.sal_weight)
+        self.loss_res, self.freeze, self.parts = cfg.loss_res, list(cfg.freeze), cfg.parts
         self.f_q = f_q
         # f_k.params = f_q.params; without a momentum encoder (Table 2b) the keys come from f_q, without gradient
-        self.f_k = copy.deepcopy(f_q).requires_grad_(False) if momentum_encoder else None
+        self.f_k = copy.deepcopy(f_q).requires_grad_(False) if cfg.momentum_encoder else None
         for name in self.freeze:  # the release's supervised-saliency configuration keeps ImageNet's early layers
             getattr(f_q.backbone, name).requires_grad_(False)
-        self.register_buffer("queue", F.normalize(torch.randn(f_q.head.out_channels, queue_size), dim=0))
+        self.register_buffer("queue", F.normalize(torch.randn(f_q.head.out_channels, cfg.queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     def train(self, mode=True):
@@ -178,11 +205,11 @@ class MaskContrast(nn.Module):
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return f_k(x_k, upsample=False)[0]
         world, rank = dist.get_world_size(), dist.get_rank()
-        x = common.all_gather_nograd(x_k)
+        x = all_gather_nograd(x_k)
         perm = torch.randperm(x.shape[0], device=x.device)
         dist.broadcast(perm, src=0)
         k = f_k(x[perm.view(world, -1)[rank]], upsample=False)[0]
-        return common.all_gather_nograd(k)[torch.argsort(perm).view(world, -1)[rank]]
+        return all_gather_nograd(k)[torch.argsort(perm).view(world, -1)[rank]]
 
     @torch.no_grad()
     def enqueue(self, p_k):
@@ -316,126 +343,9 @@ def save_views_grid(x_q, s_q, x_k, s_k, path, n=8):
     """Query and key views with their masks drawn on: what the network is asked to match."""
     tiles = []
     for a, b, c, d in zip(x_q[:n].cpu(), s_q[:n].cpu(), x_k[:n].cpu(), s_k[:n].cpu()):
-        tiles += [draw_segmentation_masks(common.denormalize(a), b > 0, alpha=0.45, colors="red"),
-                  draw_segmentation_masks(common.denormalize(c), d > 0, alpha=0.45, colors="red")]
+        tiles += [draw_segmentation_masks(denormalize(a), b > 0, alpha=0.45, colors="red"),
+                  draw_segmentation_masks(denormalize(c), d > 0, alpha=0.45, colors="red")]
     common.save_grid(tiles, path, ncol=8)
-
-
-# ======================================================================================================================
-# Benchmark: training steps on the real pipeline
-# ======================================================================================================================
-
-def step_flops(model, batch, step, compiled):
-    """FLOPs of one training step (query forward and backward, key forward), counted by torch's FlopCounterMode in
-    eager mode; None for a compiled model on a torch that cannot run it eagerly (< 2.6)."""
-    if compiled and not hasattr(torch.compiler, "set_stance"):
-        step(model(*batch)[0])
-        return None
-    eager = torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
-    with eager, FlopCounterMode(display=False) as counter:
-        step(model(*batch)[0])
-    return counter.get_total_flops()
-
-
-def endless(loader, sampler):
-    """The loader's batches, epoch after epoch."""
-    epoch = 0
-    while True:
-        sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
-def benchmark(model, loader, sampler, step, world, steps, channels_last, amp, compiled, peak_tflops, warmup=5,
-              profile=None):
-    """Time `steps` training steps after `warmup`: images/s, peak memory, the share of the time spent waiting for the
-    loader (each step synchronised, so that waiting is measured against finished GPU work), the MFU, and the images/s
-    of the step alone (no loader: the last batch again). With a `profile` path, 5 more steps run under torch.profiler
-    and its table of the top 30 operators by device (CPU) time goes there: what limits the step."""
-    device, cuda = world.device, world.device.type == "cuda"
-    warmup = min(warmup, steps)
-    batches = endless(loader, sampler)
-    model.train()
-    flops = None
-    wait = 0.0
-    for i in tqdm(range(warmup + steps), desc="benchmark", disable=not world.is_main):
-        if i == warmup:
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            wait, start = 0.0, time.perf_counter()
-        t = time.perf_counter()
-        batch = to_device_views(next(batches), device, channels_last)
-        wait += time.perf_counter() - t
-        with common.autocast(device, amp):
-            if i == 0:
-                flops = step_flops(model, batch, step, compiled)
-            else:
-                step(model(*batch)[0])
-        if cuda:
-            torch.cuda.synchronize()
-    total = time.perf_counter() - start
-    images = steps * len(batch[0]) * world.size
-    # the step alone, on the last batch again: the GPU's ceiling for this step, whatever the loader does
-    step_start = time.perf_counter()
-    for _ in range(min(steps, 10)):
-        with common.autocast(device, amp):
-            step(model(*batch)[0])
-    if cuda:
-        torch.cuda.synchronize()
-    step_only = min(steps, 10) * len(batch[0]) * world.size / (time.perf_counter() - step_start)
-    res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "steps": steps, "images_per_s": images / total,
-           "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else
-                               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20),
-           "data_wait_share": wait / total, "step_only_images_per_s": step_only,
-           "gflop_per_image": flops / len(batch[0]) / 1e9 if flops else None}
-    if flops:
-        res["tflop_per_s"] = res["gflop_per_image"] * res["images_per_s"] / 1e3
-        res["mfu"] = res["tflop_per_s"] / peak_tflops if peak_tflops else None
-    if profile:
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-        with torch.profiler.profile(activities=activities) as prof:
-            for _ in range(5):
-                batch = to_device_views(next(batches), device, channels_last)
-                with common.autocast(device, amp):
-                    step(model(*batch)[0])
-            if cuda:
-                torch.cuda.synchronize()
-        sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-        Path(profile).parent.mkdir(parents=True, exist_ok=True)
-        Path(profile).write_text(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60))
-    common.print_table([[res["device"], res["images_per_s"], res["step_only_images_per_s"], res["peak_memory_gib"],
-                         100 * res["data_wait_share"], res.get("tflop_per_s") or "-",
-                         100 * res["mfu"] if res.get("mfu") else "-"]],
-                       ["device", "images/s", "step alone", "peak GiB" + (" (GPU)" if cuda else " (RSS)"),
-                        "data wait %", "TFLOP/s", "MFU %"])
-    return res
-
-
-def benchmark_data(dataset, n, batch_size, device):
-    """The data pipeline alone: `n` view pairs drawn in this process on one thread (a loader worker's share: decode,
-    crop, flip, area check, colour parameters), then the batched colour augmentation of `batch_size` pairs on the
-    device. Returns view pairs/s for each."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    start = time.perf_counter()
-    items = [dataset[(i % len(dataset), i)] for i in tqdm(range(n), desc="view pairs", leave=False)]
-    per_core = n / (time.perf_counter() - start)
-    torch.set_num_threads(threads)
-    batch = [torch.stack(t) for t in zip(*(items * (batch_size // len(items) + 1))[:batch_size])]
-    for i in range(6):  # one warm-up, then five timed
-        if i == 1:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        to_device_views(batch, device, channels_last=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    res = {"view_pairs_per_s_per_core": per_core,
-           "device_color_pairs_per_s": 5 * batch_size / (time.perf_counter() - start), "device": str(device)}
-    common.print_table([[res["view_pairs_per_s_per_core"], res["device_color_pairs_per_s"], res["device"]]],
-                       ["loader: view pairs/s per core", "colour on the device: pairs/s", "device"])
-    return res
 
 
 # ======================================================================================================================
@@ -491,14 +401,6 @@ def get_args(argv=None):
     g.add_argument("--out", default="runs/pretrain", help="checkpoint.pth, log.json, results.json, views.png")
     g.add_argument("--resume", action="store_true", help="continue the run in --out (exactly: same weights as an "
                    "uninterrupted run)")
-    g.add_argument("--benchmark", type=nonneg, default=0, metavar="N", help="time N training steps after warm-up "
-                   "(images/s, memory, data wait, MFU), write OUT/benchmark.json and exit")
-    g.add_argument("--benchmark-data", type=nonneg, default=0, metavar="N", help="time the data pipeline alone on N "
-                   "view pairs (per core, and the colour step on the device), write OUT/benchmark_data.json and exit")
-    g.add_argument("--peak-tflops", type=frac, default=790.0, help="the GPU's bf16 matmul peak for the benchmark's "
-                   "MFU (790: what an 8192³ bf16 matmul reached on an H200)")
-    g.add_argument("--profile", action="store_true", help="with --benchmark: profile 5 more steps, write the top "
-                   "operators by time to OUT/profile.txt")
     g.add_argument("--compile", action="store_true", help="torch.compile both networks")
     common.add_runtime_args(p)
     args = p.parse_args(argv)
@@ -511,7 +413,8 @@ def get_args(argv=None):
     return args
 
 
-def main(argv=None):
+def main(argv=None, hook=None):
+    """Train; or, with a `hook` (tools/bench_pretrain.py), hand it the ready set-up instead and return its result."""
     # ================================================================================================== args, runtime
     args = get_args(argv)
     common.resolve_download(args)
@@ -526,19 +429,13 @@ def main(argv=None):
     if args.queue_size % args.batch_size:
         raise common.UserError(f"--queue-size {args.queue_size} must be a multiple of the global batch "
                                f"{args.batch_size}")
-    resuming = False
-    if not (args.benchmark or args.benchmark_data):
-        resuming = common.prepare_out(out, args.resume, ["checkpoint.pth"], is_main=world.is_main)
+    resuming = common.prepare_out(out, args.resume, ["checkpoint.pth"], is_main=world.is_main)
 
     # ========================================================================================================== data
     samples = pretrain_samples(args.data_root, args.train_split, args.saliency, args.mask_root, args.missing_masks)
     if len(samples) < args.batch_size:
         raise common.UserError(f"{len(samples)} images is fewer than one batch (--batch-size {args.batch_size})")
     dataset = ViewPairs(samples, args.size, args.min_area, args.max_area, args.color_jitter, same_view=args.no_views)
-    if args.benchmark_data:
-        res = benchmark_data(dataset, args.benchmark_data, local_batch, device)
-        common.write_json(out / "benchmark_data.json", {**res, "args": vars(args)})
-        return res
     sampler = common.SeededSampler(len(dataset), args.seed, world.rank, world.size)
     # the loader's own generator: creating its workers must not draw from the global RNG (dropout's), or a run with
     # persistent workers would differ from one without
@@ -550,9 +447,9 @@ def main(argv=None):
     common.seed_all(args.seed)  # the same initial weights on every process
     f_q = common.SegModel(args.arch, args.dim, saliency_head=True)
     common.print0(common.load_backbone_weights(f_q.backbone, args.backbone_init, args.arch))
-    model = MaskContrast(f_q, args.queue_size, args.key_momentum, args.temperature, args.weighting, not args.plain_bce,
-                         args.sal_weight, momentum_encoder=not args.no_momentum_encoder, loss_res=args.loss_res,
-                         freeze=args.freeze, parts=args.batch_parts).to(device)
+    cfg = Contrast(args.queue_size, args.key_momentum, args.temperature, args.weighting, not args.plain_bce,
+                   args.sal_weight, not args.no_momentum_encoder, args.loss_res, tuple(args.freeze), args.batch_parts)
+    model = MaskContrast(f_q, cfg).to(device)
     channels_last = device.type == "cuda"  # faster convolutions with cuDNN
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -568,31 +465,20 @@ def main(argv=None):
     optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     step = common.TrainStep(optimizer, [model], device, args.amp,
                             advice=f"a learning rate too high for this batch (--lr {args.lr:g})")
-    if args.benchmark:
-        res = benchmark(ddp_model, loader, sampler, step, world, args.benchmark, channels_last, args.amp, args.compile,
-                        args.peak_tflops, profile=out / "profile.txt" if args.profile and world.is_main else None)
-        if world.is_main:
-            common.write_json(out / "benchmark.json", {**res, "args": vars(args)})
-        return res
+    if hook:
+        return hook(dict(model=ddp_model, loader=loader, sampler=sampler, step=step, world=world, dataset=dataset,
+                         channels_last=channels_last, args=args))
 
     # ======================================================================================================== resume
     start_epoch, history = 0, []
     ck_path = out / "checkpoint.pth"
+    made_with = {k: vars(args)[k] for k in ("arch", "dim", "queue_size", "no_momentum_encoder", "batch_size",
+                                            "batch_parts", "seed", "freeze")}
     if resuming:
-        ck = common.load_checkpoint(ck_path, kind="pretrain")
-        for key in ("arch", "dim", "queue_size", "no_momentum_encoder", "batch_size", "batch_parts", "seed", "freeze"):
-            if ck["args"].get(key) != vars(args)[key]:
-                raise common.UserError(f"{ck_path}: was trained with --{key.replace('_', '-')} {ck['args'].get(key)}, "
-                                       f"not {vars(args)[key]}; pass the same flags or another --out")
-        model.f_q.load_state_dict(ck["model"])
-        if model.f_k is not None:
-            model.f_k.load_state_dict(ck["key_model"])
-        model.queue.copy_(ck["queue"])
-        model.queue_ptr.copy_(ck["queue_ptr"])
-        optimizer.load_state_dict(ck["optimizer"])
-        step.load_state_dict(ck["train_step"])
+        ck = common.restart_from_checkpoint(ck_path, "pretrain", made_with, model=model.f_q, key_model=model.f_k,
+                                            queue=model.queue, queue_ptr=model.queue_ptr, optimizer=optimizer,
+                                            train_step=step)
         start_epoch, history, step.checkpoint = ck["epoch"], ck["history"], ck_path
-        common.print0(f"resumed {ck_path} at epoch {start_epoch}/{args.epochs}")
 
     # ====================================================================================================== training
     for epoch in range(start_epoch, args.epochs):
@@ -627,7 +513,8 @@ def main(argv=None):
             common.save_checkpoint(ck_path, "pretrain", model=model.f_q.state_dict(),
                                    key_model=model.f_k.state_dict() if model.f_k is not None else None,
                                    queue=model.queue, queue_ptr=model.queue_ptr, optimizer=optimizer.state_dict(),
-                                   train_step=step.state_dict(), epoch=epoch + 1, history=history, args=vars(args))
+                                   train_step=step.state_dict(), epoch=epoch + 1, history=history, args=vars(args),
+                                   made_with=made_with)
             common.write_json(out / "log.json", history)
         step.checkpoint = ck_path
 

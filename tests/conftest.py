@@ -7,6 +7,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 SHARED = ROOT.parent / "shared" / "data"
 
 torch.set_num_threads(int(__import__("os").environ.get("TEST_THREADS", "1")))
@@ -15,14 +16,14 @@ torch.set_num_threads(int(__import__("os").environ.get("TEST_THREADS", "1")))
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """A small synthetic VOC-layout dataset (64×64 images), shared read-only by the tests of a session."""
-    from common import make_synthetic_voc
+    from synthetic import make_synthetic_voc
     return make_synthetic_voc(tmp_path_factory.mktemp("synth"), n_train=48, n_val=16, size=64, seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     """12 train and 8 val images of 32×32: end-to-end runs of the evaluation scripts stay within seconds."""
-    from common import make_synthetic_voc
+    from synthetic import make_synthetic_voc
     return make_synthetic_voc(tmp_path_factory.mktemp("tiny"), n_train=12, n_val=8, size=32, seed=1)
 
 

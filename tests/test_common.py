@@ -11,6 +11,7 @@ import torchvision
 from PIL import Image
 
 import common
+import synthetic
 from common import UserError
 
 
@@ -61,8 +62,8 @@ def test_synthetic_data_is_not_solved_by_colour(synth_root):
 
 
 def test_synthetic_data_is_seeded(tmp_path):
-    a = common.make_synthetic_voc(tmp_path / "a", n_train=3, n_val=1, size=32, seed=5)
-    b = common.make_synthetic_voc(tmp_path / "b", n_train=3, n_val=1, size=32, seed=5)
+    a = synthetic.make_synthetic_voc(tmp_path / "a", n_train=3, n_val=1, size=32, seed=5)
+    b = synthetic.make_synthetic_voc(tmp_path / "b", n_train=3, n_val=1, size=32, seed=5)
     for sa, sb in zip(common.list_samples(a, "train", labels=True), common.list_samples(b, "train", labels=True)):
         assert torch.equal(common.read_label(sa.label), common.read_label(sb.label))
         assert torch.equal(common.read_image(sa.image), common.read_image(sb.image))

@@ -38,7 +38,8 @@ def test_loss_prototypes_bce_and_queue_equal_the_release(case):
     aux = torch.tensor(inp["saliency_logits"], dtype=torch.float32).double()
     assert abs(pretrain.saliency_loss(aux, s_q).item() - rel["saliency_loss"]) < 1e-8
     # the queue after one enqueue: the prototypes overwrite columns ptr..ptr+N-1 (modulo K)
-    model = pretrain.MaskContrast(common.SegModel("resnet18", case["D"]), queue_size=case["K"]).double()
+    model = pretrain.MaskContrast(common.SegModel("resnet18", case["D"]), pretrain.Contrast(queue_size=case["K"]))
+    model = model.double()
     model.queue.copy_(queue)
     model.queue_ptr.fill_(inp["queue_ptr"])
     model.enqueue(p_k)

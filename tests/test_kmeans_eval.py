@@ -13,18 +13,26 @@ import kmeans_eval as ke
 from conftest import one_line_error
 
 
+def match_clusters(pred, gt, n_clusters, n_classes):
+    """Cluster → class map from cluster ids and labels of one shape (255 ignored), as kmeans_eval scores them."""
+    pred, gt = pred.reshape(-1).long(), gt.reshape(-1).long()
+    keep = gt != common.IGNORE
+    conf = torch.bincount(pred[keep] * n_classes + gt[keep], minlength=n_clusters * n_classes)
+    return ke.match_from_confusion(conf.reshape(n_clusters, n_classes))
+
+
 def test_match_clusters_recovers_a_permutation():
     g = torch.Generator().manual_seed(0)
     gt = torch.randint(0, 6, (40, 50), generator=g)
     gt[:5] = 255  # ignored pixels must not matter
     perm = torch.randperm(6, generator=g)
     pred = perm[gt.clamp(max=5)]
-    mapping = ke.match_clusters(pred, gt, 6, 6)
+    mapping = match_clusters(pred, gt, 6, 6)
     assert mapping.dtype == torch.long and mapping.shape == (6,)
     assert torch.equal(mapping[perm], torch.arange(6))
     # with 10 % of the pixels flipped at random the one-to-one assignment still holds
     noisy = torch.where(torch.rand(gt.shape, generator=g) < 0.1, torch.randint(0, 6, gt.shape, generator=g), pred)
-    assert torch.equal(ke.match_clusters(noisy, gt, 6, 6)[perm], torch.arange(6))
+    assert torch.equal(match_clusters(noisy, gt, 6, 6)[perm], torch.arange(6))
 
 
 def test_match_clusters_majority_vote():
@@ -35,7 +43,7 @@ def test_match_clusters_majority_vote():
         for k, n in d.items():
             pred += [c] * n
             gt += [k] * n
-    mapping = ke.match_clusters(torch.tensor(pred), torch.tensor(gt), 5, 3)
+    mapping = match_clusters(torch.tensor(pred), torch.tensor(gt), 5, 3)
     assert mapping.tolist() == [0, 1, 2, 2, 1]  # many-to-one: clusters 2 and 3 both become class 2
     # Hungarian (square) must not pick class 1 twice even if two clusters prefer it
     conf = torch.tensor([[0, 9, 1], [0, 8, 0], [7, 0, 0]])
@@ -78,7 +86,7 @@ def test_histogram_scoring_equals_pixel_scoring():
 
     pred_ids = [torch.where(f, i, torch.zeros_like(y)) for y, f, i in zip(labels, fgs, ids)]
     flat_pred, flat_gt = torch.cat([p.flatten() for p in pred_ids]), torch.cat([y.flatten() for y in labels])
-    assert torch.equal(ke.match_clusters(flat_pred, flat_gt, n_total, n_classes), mapping)
+    assert torch.equal(match_clusters(flat_pred, flat_gt, n_total, n_classes), mapping)
     conf = common.confusion_matrix(mapping[flat_pred], flat_gt, n_classes)
     m_ref, iou_ref = common.miou_from_confusion(conf)
     assert miou == pytest.approx(m_ref) and torch.allclose(iou, iou_ref, equal_nan=True)
@@ -215,9 +223,9 @@ def test_pixel_kmeans_of_perfect_features_recovers_permuted_labels(tmp_path):
                               tmp_path / "SegmentationClass" / f"v{n}.png")
     (tmp_path / "ImageSets/Segmentation/val.txt").write_text("\n".join(f"v{n}" for n in range(4)))
     samples = common.list_samples(tmp_path, "val", labels=True)
-    reader = ke.Reader(24, "bicubic", 2, 0, torch.device("cpu"), "none")
-    runs, shown, n_fit = ke.pixel_kmeans(ColourNet(), samples, reader, "backbone", [4, 6], ke.Clustering([0, 1]), 4,
-                                         fit_pixels=50, keep=2)
+    reader = common.Reader(24, "bicubic", 2, 0, torch.device("cpu"), "none")
+    runs, shown, n_fit = ke.pixel_kmeans(ColourNet(), samples, reader, "backbone", [4, 6],
+                                         ke.Clustering([0, 1], fit_pixels=50), 4, keep=2)
     assert n_fit == 200 and len(shown) == 2
     for k in (4, 6):  # Hungarian with as many clusters as classes; majority vote when overclustering
         assert [r["miou"] for r in runs[k]] == [100.0, 100.0]
@@ -258,18 +266,18 @@ def test_components_give_each_object_its_own_prototype(tmp_path):
     samples = common.list_samples(tmp_path, "val", labels=True)
     for s in samples:
         s.saliency = tmp_path / "saliency_m" / f"{s.id}.png"
-    reader = ke.Reader(24, "bicubic", 3, 0, torch.device("cpu"), "none")
+    reader = common.Reader(24, "bicubic", 3, 0, torch.device("cpu"), "none")
     miou = {}
     for objects in ("image", "components"):
-        q = ke.extract_prototypes(ColourNet(), samples, reader, "backbone", 0.5, 4, keep=1, objects=objects)
+        q = ke.extract_prototypes(ColourNet(), samples, reader, "backbone", ke.Objects(mode=objects), 4, keep=1)
         assert len(q["protos"]) == (6 if objects == "image" else 12) and q["bg_hist"].shape == (6, 4)
-        runs = ke.run_clustering(q["protos"], torch.ones(len(q["protos"]), dtype=torch.bool), q["has_fg"],
-                                 q["fg_hist"], q["bg_hist"], 4, [0], 5, 100, 4, "zero")
+        runs = ke.run_clustering(q["protos"], torch.ones(len(q["protos"]), dtype=torch.bool), q, 4,
+                                 ke.Clustering([0], restarts=5, iters=100), 4)
         miou[objects] = runs[0]["miou"]
         assert set(q["shown"][0][2].unique().tolist()) == ({0, 1} if objects == "image" else {0, 1, 2})
     assert miou["components"] == 100.0 and miou["image"] < 80
     for n, s in enumerate(samples):  # the same objects as a mask of ids (mine_masks.py's format) read the same
         label = common.read_label(s.label).numpy()
         common.save_objects_png((label > 0) * (1 + (np.arange(24)[None, :] >= 12)), s.saliency)
-    q = ke.extract_prototypes(ColourNet(), samples, reader, "backbone", 0.5, 4, objects="components")
+    q = ke.extract_prototypes(ColourNet(), samples, reader, "backbone", ke.Objects(mode="components"), 4)
     assert len(q["protos"]) == 12 and set(common.read_objects(samples[0].saliency).unique().tolist()) == {0, 1, 2}

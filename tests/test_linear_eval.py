@@ -8,6 +8,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import common
+import synthetic
 import linear_eval as le
 from conftest import kill_after_first_checkpoint, one_line_error
 
@@ -64,7 +65,8 @@ def test_scored_at_original_label_size(tmp_path):
     (root / "ImageSets/Segmentation/val.txt").write_text("im0\nim1\n")
     probe = le.LinearProbe(common.SegModel("resnet18", 32), "decoder", 3)
     samples = common.list_samples(root, "val", labels=True)
-    ev = common.evaluate_segmentation(probe, samples, 3, 32, torch.device("cpu"), "none", 2, 0, keep=2)
+    ev = common.evaluate_segmentation(probe, samples, 3, common.Reader(32, "bicubic", 2, 0, torch.device("cpu"),
+                                                                       "none"), keep=2)
     assert ev["conf"].shape == (3, 3) and int(ev["conf"].sum()) == valid
     assert [tuple(p.shape) for _, _, p in ev["shown"]] == [(37, 53), (61, 29)]
 
@@ -82,7 +84,7 @@ def test_end_to_end_predict_and_resume(synth_root, tiny_root, pretrain_ck, tmp_p
     printed = capsys.readouterr().out
     assert "sanity check passed" in printed and "mIoU" in printed
     saved = json.loads((out / "linear_eval.json").read_text())
-    assert saved["miou"] == pytest.approx(res["miou"]) and set(saved["per_class_iou"]) == set(common.SYNTH_CLASSES)
+    assert saved["miou"] == pytest.approx(res["miou"]) and set(saved["per_class_iou"]) == set(synthetic.CLASSES)
     assert saved["channels"] == 256 and len(saved["history"]) == 1
     assert (out / "linear_val.png").stat().st_size > 1000
     # a finished run, resumed with --predict: no training, the stored score, and the user's images segmented

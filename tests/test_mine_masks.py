@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import common
+import synthetic
 import mine_masks as mm
 from conftest import Killed, kill_after_first_checkpoint, one_line_error
 
@@ -279,7 +280,7 @@ def test_merge_regions_joins_similar_neighbours_and_drops_regions_too_large():
 
 
 def test_hierarchical_proposals_write_non_overlapping_regions(tmp_path):
-    root = common.make_synthetic_voc(tmp_path / "m", n_train=4, n_val=0, size=64, seed=2, multi=True)
+    root = synthetic.make_synthetic_voc(tmp_path / "m", n_train=4, n_val=0, size=64, seed=2, multi=True)
     mm.main(["--data-root", str(root), "--name", "h", "--out", str(tmp_path / "w"), "--proposals", "hierarchical",
              "--prior-size", "64", "--grid", "2", "--workers", "0"])
     for f in sorted((root / "saliency_h").glob("*.png")):

@@ -125,7 +125,8 @@ def test_balanced_bce_matches_definition():
 
 def tiny_pair(queue_size=4, momentum=0.9, **kw):
     torch.manual_seed(0)
-    return pretrain.MaskContrast(SegModel("resnet18", 8), queue_size=queue_size, momentum=momentum, **kw)
+    return pretrain.MaskContrast(SegModel("resnet18", 8),
+                                 pretrain.Contrast(queue_size=queue_size, momentum=momentum, **kw))
 
 
 def test_key_network_gets_no_gradient_and_moves_by_momentum():
@@ -232,7 +233,7 @@ def test_training_steps_lower_the_loss(synth_root):
     ds = pretrain.ViewPairs(list_samples(synth_root, "train", saliency="oracle")[:4], 32)
     batch = [torch.stack(t) for t in zip(*[ds[(i, i)] for i in range(4)])]
     x_q, s_q, x_k, s_k = pretrain.to_device_views(batch, torch.device("cpu"), channels_last=False)
-    model = pretrain.MaskContrast(SegModel("resnet18", 8), queue_size=0, momentum=0.9)
+    model = pretrain.MaskContrast(SegModel("resnet18", 8), pretrain.Contrast(queue_size=0, momentum=0.9))
     opt = torch.optim.SGD(model.f_q.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     hist = []
     for _ in range(12):
@@ -388,7 +389,7 @@ def test_ranks_with_different_object_counts_gather_every_prototype(tmp_path):
 
 
 def test_enqueue_keeps_the_newest_when_more_objects_than_the_queue():
-    model = pretrain.MaskContrast(SegModel("resnet18", 4), queue_size=4)
+    model = pretrain.MaskContrast(SegModel("resnet18", 4), pretrain.Contrast(queue_size=4))
     model.queue_ptr.fill_(3)
     model.enqueue(torch.arange(6.0)[:, None].expand(6, 4))  # 6 prototypes for a queue of 4: the last 4 stay
     assert sorted(model.queue[0].tolist()) == [2.0, 3.0, 4.0, 5.0] and int(model.queue_ptr) == (3 + 4) % 4

@@ -2,13 +2,14 @@
 loops, links and variables) with `python3` shadowed by a function that records each command; the commands are then
 run in this process, in order, by the scripts' own main() (a fresh interpreter per command would cost seconds of
 imports each on the test machine)."""
-import importlib
 import os
+import runpy
 import shutil
 import subprocess
 import sys
 
 import common
+import synthetic
 from conftest import ROOT
 
 SHIM = r'''
@@ -45,9 +46,9 @@ def replay(cmds, monkeypatch):
         elif argv[0] == "-":
             monkeypatch.setattr(sys, "argv", argv)
             exec(compile(stdin, "<python3 ->", "exec"), {"__name__": "__main__"})
-        else:
-            module = importlib.import_module(argv[0].removesuffix(".py"))
-            module.main(argv[1:])
+        else:  # a script, as its __main__ (its imports are already loaded)
+            monkeypatch.setattr(sys, "argv", argv)
+            runpy.run_path(argv[0], run_name="__main__")
     return [argv[0] for _, argv, _ in cmds]
 
 
@@ -55,7 +56,7 @@ def test_demo_sh_runs_at_toy_size(tmp_path, monkeypatch, capsys):
     env = {"OUT": str(tmp_path / "demo"), "N_TRAIN": "12", "N_VAL": "6", "IMG": "32", "NET": "32", "BATCH": "4",
            "PT_EPOCHS": "1", "LC_EPOCHS": "1", "FT_ITERS": "1", "FT_SPLITS": "1"}
     ran = replay(recorded_commands(ROOT / "demo.sh", env, tmp_path / "shim"), monkeypatch)
-    assert ran == ["-c", "mine_masks.py", "pretrain.py", "linear_eval.py", "linear_eval.py", "kmeans_eval.py",
+    assert ran == ["tools/synthetic.py", "mine_masks.py", "pretrain.py", "linear_eval.py", "linear_eval.py", "kmeans_eval.py",
                    "kmeans_eval.py", "finetune.py", "-"]
     printed = capsys.readouterr().out
     assert "protocol (mIoU %, synthetic val)" in printed and "fine-tuning, 2% of the labels" in printed
@@ -63,7 +64,7 @@ def test_demo_sh_runs_at_toy_size(tmp_path, monkeypatch, capsys):
 
 def test_real_sh_runs_at_toy_size_on_generated_data(tmp_path, monkeypatch, capsys):
     data = tmp_path / "data"
-    common.make_synthetic_voc(data / "voc_mini", n_train=12, n_val=6, size=32, seed=3)
+    synthetic.make_synthetic_voc(data / "voc_mini", n_train=12, n_val=6, size=32, seed=3)
     (data / "duts_tr" / "images").mkdir(parents=True)
     for f in sorted((data / "voc_mini" / "JPEGImages").glob("train_*"))[:4]:
         shutil.copy(f, data / "duts_tr" / "images" / f"duts_{f.name}")

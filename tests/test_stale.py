@@ -39,7 +39,7 @@ def test_linear_eval_refuses_a_changed_checkpoint(tiny_root, pretrain_ck, tmp_pa
     old = res["weights"]
     retrain(ck)
     new = common.fingerprint(common.model_from_checkpoint(common.load_checkpoint(ck)).state_dict())
-    one_line_error(le.main, argv + ["--resume"], capsys, f"trained on network {old}", f"now holds network {new}")
+    one_line_error(le.main, argv + ["--resume"], capsys, f"linear.pth: was made with weights {old}, not {new}")
 
 
 def test_kmeans_eval_recomputes_prototypes_of_a_changed_checkpoint(tiny_root, pretrain_ck, tmp_path, capsys):
@@ -77,4 +77,4 @@ def test_finetune_refuses_finished_and_unfinished_runs_of_a_changed_checkpoint(s
     one_line_error(finetune.main, done + ["--resume"], capsys, "result.json: was fine-tuned from network "
                    f"{result['init_weights']}", "now gives network")
     one_line_error(finetune.main, argv + ["--out", str(tmp_path / "half"), "--resume"], capsys,
-                   "checkpoint.pth: started from network", "now gives network")
+                   f"checkpoint.pth: was made with init_weights {result['init_weights']}, not ")

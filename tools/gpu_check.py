@@ -3,9 +3,9 @@ no ../shared): it generates its own synthetic data.
   (a) the five scripts end to end, in order, with their default flags but for sizes (every CUDA path runs once:
       bf16 autocast, channels_last, pinned memory, the batched priors, GPU K-Means, the CRF), and the mined masks'
       max-F;
-  (b) pretrain.py --benchmark at resnet50, 224², batch 64, bf16, 15 workers, on VOC-sized synthetic images: images/s,
+  (b) tools/bench_pretrain.py at resnet50, 224², batch 64, bf16, 15 workers, on VOC-sized synthetic images: images/s,
       peak memory, data-wait share, MFU and the profiler's top operators (OUT/bench_eager/profile.txt); again with
-      --loss-res feature and with --amp fp16; --benchmark-data: view pairs/s per loader core, and of the colour
+      --loss-res feature and with --amp fp16; --data: view pairs/s per loader core, and of the colour
       augmentation on the GPU;
   (c) K-Means of 1,449 × 32-d prototypes, 5 seeds, 21 and 500 clusters (kmeans_eval.kmeans, PCA-whitened first);
   (d) the priors and the saliency network's prediction (resnet50, 224², flip TTA) in images/s;
@@ -28,12 +28,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+import bench_pretrain  # noqa: E402
 import common  # noqa: E402
 import finetune  # noqa: E402
 import kmeans_eval  # noqa: E402
 import linear_eval  # noqa: E402
 import mine_masks  # noqa: E402
 import pretrain  # noqa: E402
+import synthetic  # noqa: E402
 
 
 def stage(res, out, name, main, argv, device):
@@ -85,7 +88,7 @@ def table(res, cpu):
 def part_a(res, out, S, device):
     """The default sequence of the five scripts on synthetic data (their outputs go to OUT/runs/)."""
     cpu = device == "cpu"
-    data = common.make_synthetic_voc(out / "data", n_train=S["train"], n_val=S["val"], size=S["img"], seed=0)
+    data = synthetic.make_synthetic_voc(out / "data", n_train=S["train"], n_val=S["val"], size=S["img"], seed=0)
     sizes = ["--arch", S["arch"], "--size", str(S["net"])]
     # (the CPU toy mines with the priors alone: a network trained for a few CPU steps predicts no object yet)
     stage(res, out, "mine_masks", mine_masks.main,
@@ -110,7 +113,7 @@ def part_a(res, out, S, device):
               ["--data-root", str(data), "--checkpoint", ck, "--size", str(S["net"]),
                *(["--foreground", "masks"] if cpu else [])], device)
     if r:
-        res["kmeans_miou"] = r["clusters"][str(len(common.SYNTH_CLASSES))]["miou_mean"]
+        res["kmeans_miou"] = r["clusters"][str(len(synthetic.CLASSES))]["miou_mean"]
     stage(res, out, "finetune", finetune.main, ["--data-root", str(data), "--checkpoint", ck, *sizes, "--iters",
                                                 str(S["iters"]), "--splits", "1"], device)
 
@@ -120,7 +123,7 @@ def voc_sized(out, cpu):
     of 32 batches, as on a real dataset (4 batches an epoch would measure the loader's restart, not its speed)."""
     big = out / "voc_sized"
     if not (big / "ImageSets").is_dir():
-        common.make_synthetic_voc(big, n_train=16 if cpu else 256, n_val=1, size=64 if cpu else 448, seed=1)
+        synthetic.make_synthetic_voc(big, n_train=16 if cpu else 256, n_val=1, size=64 if cpu else 448, seed=1)
         split = big / "ImageSets" / "Segmentation" / "train.txt"
         split.write_text("\n".join(common.read_ids(split) * 8) + "\n")
     return big
@@ -135,13 +138,14 @@ def pipeline_args(out, cpu):
 def part_b(res, out, device):
     """The pretraining step on VOC-sized images (eager with the profiler, stride-8 loss, fp16) and the loader."""
     cpu = device == "cpu"
-    bench = pipeline_args(out, cpu) + ["--benchmark", "1" if cpu else "30"]
+    bench = pipeline_args(out, cpu) + ["--steps", "1" if cpu else "30"]
     runs = [("eager", ["--profile"]), ("loss_res_feature", ["--loss-res", "feature"]), ("fp16", ["--amp", "fp16"])]
     for name, extra in runs[:1] if cpu else runs:  # CPU: fp16 is a CUDA path, the stride-8 loss is tested apart
-        if stage(res, out, f"benchmark_{name}", pretrain.main, bench + extra + ["--out", f"bench_{name}"], device):
+        if stage(res, out, f"benchmark_{name}", bench_pretrain.main, bench + extra + ["--out", f"bench_{name}"],
+                 device):
             res[f"pretrain_{name}"] = json.loads((out / f"bench_{name}" / "benchmark.json").read_text())
-    if stage(res, out, "benchmark_data", pretrain.main,
-             pipeline_args(out, cpu) + ["--benchmark-data", "32" if cpu else "300", "--out", "bench_data"], device):
+    if stage(res, out, "benchmark_data", bench_pretrain.main,
+             pipeline_args(out, cpu) + ["--data", "32" if cpu else "300", "--out", "bench_data"], device):
         res["data_pipeline"] = json.loads((out / "bench_data" / "benchmark_data.json").read_text())
 
 
@@ -203,8 +207,8 @@ def part_d(res, out, S, device):
 
 def part_e(res, out, device):
     """torch.compile of both networks: minutes of compiling on a first run, so last (CPU: skipped)."""
-    bench = pipeline_args(out, False) + ["--benchmark", "30", "--compile", "--out", "bench_compile"]
-    if stage(res, out, "benchmark_compile", pretrain.main, bench, device):
+    bench = pipeline_args(out, False) + ["--steps", "30", "--compile", "--out", "bench_compile"]
+    if stage(res, out, "benchmark_compile", bench_pretrain.main, bench, device):
         res["pretrain_compile"] = json.loads((out / "bench_compile" / "benchmark.json").read_text())
 
 

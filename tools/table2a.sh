@@ -15,7 +15,7 @@ for kv in $SIZES; do  # a size set in the environment wins
 done
 if [ -z "${DATA:-}" ]; then  # 160 train / 60 val images of 2-3 objects of different classes, in random hues
     DATA=$OUT/data
-    [ -d "$DATA" ] || python3 -c "import common; common.make_synthetic_voc('$DATA', 160, 60, 96, seed=0, multi=True)"
+    [ -d "$DATA" ] || python3 tools/synthetic.py $DATA --train 160 --val 60 --size 96 --multi
 fi
 COMMON="--data-root $DATA --workers 2"
 for P in saliency components hierarchical; do

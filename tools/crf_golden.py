@@ -1,7 +1,7 @@
 """Write tests/golden/crf_pydensecrf.json: pydensecrf's marginals Q for two tiny, seeded, structured inputs, which
 tests/test_crf.py compares linear_eval.dense_crf against without needing pydensecrf.
 
-Needs pydensecrf (pip install --target SITE pydensecrf2):  PYDENSECRF_SITE=SITE python notes/crf_golden.py
+Needs pydensecrf (pip install --target SITE pydensecrf2):  PYDENSECRF_SITE=SITE python tools/crf_golden.py
 """
 import base64
 import json
@@ -53,7 +53,7 @@ def main():
             "q_uint16_b64": base64.b64encode(np.round(q * 65535).astype("<u2").tobytes()).decode(),
         })
     about = (
-        "Made by notes/crf_golden.py with pydensecrf2 1.1 (PyPI), numpy " + np.__version__ + ". "
+        "Made by tools/crf_golden.py with pydensecrf2 1.1 (PyPI), numpy " + np.__version__ + ". "
         "Per case: image = HxWx3 uint8 RGB, row-major, base64; labels = one digit per pixel, "
         "row-major; probs = 0.5*onehot(labels) + 0.5/classes in float32. pydensecrf call: "
         "DenseCRF2D(W, H, C); setUnaryEnergy(-log(clip(probs, 1e-5, 1)) as C x H*W float32); "

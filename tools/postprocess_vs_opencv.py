@@ -1,7 +1,7 @@
 """mine_masks.postprocess (scipy.ndimage) against the release's recipe written with OpenCV, on random saliency maps
 (NOTES.md). OpenCV is used here only, never by the project: pip install --target SITE opencv-python-headless, then
 
-    python notes/postprocess_vs_opencv.py --site SITE [--maps 300]
+    python tools/postprocess_vs_opencv.py --site SITE [--maps 300]
 """
 import argparse
 import os

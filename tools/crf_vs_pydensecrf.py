@@ -8,7 +8,7 @@ may hit the right class, so ~19 % of the cells end up wrong).
 
 pydensecrf is used here only, never by the project: pip install --target SITE pydensecrf2, then
 
-    python notes/crf_vs_pydensecrf.py --site SITE [--root ../shared/data/voc_mini] [--limit N] [--out results.json]
+    python tools/crf_vs_pydensecrf.py --site SITE [--root ../shared/data/voc_mini] [--limit N] [--out results.json]
 """
 import argparse
 import json
