@@ -35,7 +35,7 @@ Commands
   # Table 2a: each salient component an object; regions of a hierarchical segmentation (no saliency)
   python mine_masks.py --data-root VOC --name components --proposals components
   python mine_masks.py --data-root VOC --name hierarchical --proposals hierarchical
-Images are read from disk in chunks of 256 and each stage's maps go to a memory-mapped array in --out, so memory does
+Images are read from disk in chunks of 256 and each stage's maps go to an .npy array file in --out, so memory does
 not grow with the images; --resume continues a stage after its last finished chunk. Under torchrun every process
 mines its share of the chunks and the saliency networks train with DDP (--batch-size stays global); rank 0 writes
 the summaries. Across machines, --out and the mask folders must be on a file system they share.
@@ -402,7 +402,7 @@ class SaliencyMeter:
 
 
 # ======================================================================================================================
-# Streaming: images read from disk in chunks, each stage's maps in a memory-mapped array of the work folder
+# Streaming: images read from disk in chunks, each stage's maps in an .npy array file of the work folder
 # ======================================================================================================================
 
 CHUNK = 256  # images per chunk: the unit of work of a process, and of --resume within a stage
@@ -437,21 +437,51 @@ def barrier(world):
         dist.barrier()
 
 
+class MapFile:
+    """One stage's uint8 maps (N, S, S) in an .npy file of the work folder, written a chunk and read a map at a time
+    with plain file I/O: no memory map, whose touched pages would stay in the process's memory, so that memory does
+    not grow with the images."""
+
+    def __init__(self, path, shape=None):
+        if shape is not None:  # a new file: the .npy header, then N·S·S zero bytes (sparse on disk until written)
+            with open(path, "wb") as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+                f.truncate(f.tell() + int(np.prod(shape)))
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            self.shape, self.offset = header(f)[0], f.tell()
+        self.path, self.row = path, int(np.prod(self.shape[1:]))
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, i):
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + i * self.row)
+            return np.frombuffer(f.read(self.row), np.uint8).reshape(self.shape[1:])
+
+    def write(self, first, rows):
+        with open(self.path, "r+b") as f:
+            f.seek(self.offset + first * self.row)
+            f.write(np.ascontiguousarray(rows, dtype=np.uint8).tobytes())
+
+
 def stage_arrays(run, stage, names, shape):
-    """Memory-mapped uint8 arrays work/maps_<name>.npy of `shape` for the outputs `names` of one stage, with the
-    stage's chunk flags (work/<stage>.done.npy, set once a chunk's rows are on disk) and settings (<stage>.json).
-    With --resume and the same settings the arrays are reopened and the finished chunks kept; else made afresh."""
+    """The MapFiles work/maps_<name>.npy of `shape` for the outputs `names` of one stage, with the stage's chunk
+    flags (work/<stage>.done.npy, set once a chunk's rows are on disk) and settings (<stage>.json). With --resume and
+    the same settings the files are reopened and the finished chunks kept; else made afresh."""
     work, world, config = run.work, run.world, {**run.config, "stage": stage}
     meta, done_path = work / f"{stage}.json", work / f"{stage}.done.npy"
     paths = [work / f"maps_{n}.npy" for n in names]
     same = run.resume and meta.is_file() and json.loads(meta.read_text()) == config and all(p.is_file() for p in paths)
     if not same and world.is_main:
         for p in paths:
-            np.lib.format.open_memmap(p, "w+", np.uint8, shape).flush()
+            MapFile(p, shape)
         np.save(done_path, np.zeros(-(-shape[0] // CHUNK), bool))
         common.write_json(meta, config)
     barrier(world)
-    return [np.load(p, mmap_mode="r+") for p in paths], np.load(done_path, mmap_mode="r+")
+    return [MapFile(p) for p in paths], np.load(done_path, mmap_mode="r+")
 
 
 def stage_done(run, stage):
@@ -473,13 +503,12 @@ def fill_stage(run, stage, names, shape, produce):
     for (c, a, b), x in zip(todo, tqdm(chunk_images(run.images, run.size, todo, run.workers), desc=stage,
                                        total=len(todo), leave=False, disable=not todo)):
         for arr, rows in zip(arrays, produce(x)):
-            arr[a:b] = np.asarray(rows)
-            arr.flush()
+            arr.write(a, np.asarray(rows))
         done[c] = True
         done.flush()
     seconds = time.time() - t
     barrier(run.world)
-    return [np.load(run.work / f"maps_{n}.npy", mmap_mode="r") for n in names], seconds
+    return arrays, seconds
 
 
 def score(maps, images, gt_paths, world, name):
@@ -554,7 +583,7 @@ class NetConfig:
 
 class PseudoLabels:
     """Image i's labels 0 / 1 / IGNORE (S, S) from stored maps: the confident pixels of `target` (or, with a
-    `prior` and weight w < 1 after the first round, of the mix w·prior + (1 − w)·target). Opens the memory-mapped
+    `prior` and weight w < 1 after the first round, of the mix w·prior + (1 − w)·target). Opens the map files
     arrays lazily, in each loader worker."""
 
     def __init__(self, target, fg, bg, prior=None, weight=0.0):
@@ -562,7 +591,7 @@ class PseudoLabels:
 
     def __call__(self, i):
         if self.maps is None:
-            self.maps = [np.load(p, mmap_mode="r") if p else None for p in self.paths]
+            self.maps = [MapFile(p) if p else None for p in self.paths]
         target, prior = self.maps
         m = torch.from_numpy(np.array(target[i]))
         if prior is not None:
@@ -691,7 +720,7 @@ def pseudo_labels(maps, fg, bg):
 
 
 # ======================================================================================================================
-# The stages, each returning its maps (memory-mapped, S×S) and filling `metrics` and `seconds`
+# The stages, each returning its maps (MapFiles, S×S) and filling `metrics` and `seconds`
 # ======================================================================================================================
 
 @dataclass
@@ -992,7 +1021,7 @@ def main(argv=None):
 
     # ========================================================= picture: image | prior | prediction | objects | truth
     if args.grid > 0:
-        prior = np.load(work / "maps_priors.npy", mmap_mode="r") if args.mode == "unsupervised" and maps is not None \
+        prior = MapFile(work / "maps_priors.npy") if args.mode == "unsupervised" and maps is not None \
             and args.proposals != "hierarchical" else None
         save_picture(run, [dests[i] / f"{ids[i]}.png" for i in range(min(args.grid, len(ids)))], prior,
                      maps if args.proposals != "hierarchical" else None)
