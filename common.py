@@ -111,7 +111,7 @@ class SegModel(nn.Module):
         return {"backbone": ARCH_CHANNELS[self.arch], "decoder": 256, "head": self.head.out_channels}[layer]
 
     def forward(self, x, upsample=True):
-        """(head output (N, C, H, W), saliency logits (N, H, W) or None), upsampled bilinearly to the input size as
+        """(head output N×C×H×W, saliency logits N×H×W or None), upsampled bilinearly to the input size as
         the release does, unless upsample=False (stride 8)."""
         f = self.features(x)
         out = self.head(f)
@@ -284,7 +284,7 @@ def open_rgb(path):
 
 
 def read_image(path):
-    """RGB uint8 tensor (3, H, W). JPEG and PNG files go through torchvision's decoder, about twice as fast as PIL's
+    """RGB uint8 tensor 3×H×W. JPEG and PNG files go through torchvision's decoder, about twice as fast as PIL's
     (it matters in the loader); what it does not read as 8-bit RGB — CMYK, 16 bits, a damaged file — through PIL,
     which also takes over where torchvision no longer has the decoder (0.29 deprecates it in favour of TorchCodec)."""
     if Path(path).suffix.lower() in (".jpg", ".jpeg", ".png"):
@@ -301,13 +301,13 @@ def read_image(path):
 
 
 def read_mask(path):
-    """A saliency mask or map as a single-channel uint8 tensor (H, W) (0/255 masks; any mode is turned grey)."""
+    """A saliency mask or map as a single-channel uint8 tensor H×W (0/255 masks; any mode is turned grey)."""
     with _opened(path, "mask") as im:
         return torch.from_numpy(np.array(im if im.mode in ("P", "L") else im.convert("L"), dtype=np.uint8))
 
 
 def read_objects(path):
-    """An object mask as (H, W) uint8 object ids: 0 background, 1…254 objects (mine_masks.py's format). A 0/255 mask
+    """An object mask as H×W uint8 object ids: 0 background, 1…254 objects (mine_masks.py's format). A 0/255 mask
     is one object (255 → 1); a 255 beside other ids is refused (an anti-aliased grey mask is not an id map)."""
     m = read_mask(path)
     if m.max() == 255:
@@ -334,7 +334,7 @@ def components(mask, min_area=0.01):
 
 
 def image_size(path):
-    """(H, W) from the header only."""
+    """The image's (height, width), read from its header only."""
     with _opened(path, "image") as im:
         return im.size[1], im.size[0]
 
@@ -354,7 +354,7 @@ def voc_palette():
 
 
 def decode_label(path):
-    """(class-index label (H, W) uint8, whether it came from RGB). VOC labels are palette or single-channel PNGs
+    """(class-index label H×W uint8, whether it came from RGB). VOC labels are palette or single-channel PNGs
     whose pixel values are the classes (255 = ignore). An RGB label whose colours all lie in the VOC palette is mapped
     back through it; any other RGB label, or a 16-bit one, is refused: its grey levels are not classes."""
     with _opened(path, "label") as im:
@@ -376,7 +376,7 @@ def decode_label(path):
 
 
 def read_label(path):
-    """A class-index label (H, W) uint8 (see decode_label)."""
+    """A class-index label H×W uint8 (see decode_label)."""
     return decode_label(path)[0]
 
 
@@ -435,19 +435,19 @@ def class_names(n, root=None):
 
 
 def save_label_png(label, path):
-    """Save a (H, W) class-index array as a VOC palette PNG (atomically)."""
+    """Save a H×W class-index array as a VOC palette PNG (atomically)."""
     im = Image.fromarray(np.asarray(label, dtype=np.uint8), mode="P")
     im.putpalette(voc_palette().flatten().tolist())
     save_png(im, path)
 
 
 def save_mask_png(mask, path):
-    """Save a (H, W) {0,1} or bool array as a 0/255 grey PNG (atomically)."""
+    """Save a H×W {0,1} or bool array as a 0/255 grey PNG (atomically)."""
     save_png(Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255, mode="L"), path)
 
 
 def save_objects_png(objects, path):
-    """Save (H, W) object ids (0 background, 1…254): one object as a 0/255 grey PNG, several as a palette PNG whose
+    """Save H×W object ids (0 background, 1…254): one object as a 0/255 grey PNG, several as a palette PNG whose
     index is the id (coloured like VOC classes, so a person can see them)."""
     objects = np.asarray(objects)
     if objects.max(initial=0) > 254:
@@ -463,14 +463,14 @@ def save_objects_png(objects, path):
 # the workers drew, so a 16-core machine can feed a GPU (the per-image hue shift alone costs ~2 ms of a core).
 
 def draw_view(hw, scale=(0.2, 1.0)):
-    """A random pretraining view of an image of size hw = (H, W): torchvision's RandomResizedCrop box (area share in
+    """A random pretraining view of an image of size hw = H×W: torchvision's RandomResizedCrop box (area share in
     `scale`, aspect ratio 3/4 to 4/3) and a horizontal flip, drawn from torch's global RNG."""
     top, left, h, w = torchvision.transforms.RandomResizedCrop.get_params(torch.empty(0, *hw), scale, (3 / 4, 4 / 3))
     return top, left, h, w, bool(torch.rand(()) < 0.5)
 
 
 def crop_view(t, view, size):
-    """Apply a drawn view to an image (3, H, W) (antialiased) or a mask (H, W) (nearest): crop, resize, flip."""
+    """Apply a drawn view to an image 3×H×W (antialiased) or a mask H×W (nearest): crop, resize, flip."""
     top, left, h, w, flip = view
     if t.dim() == 2:
         t = v2.functional.resized_crop(t[None], top, left, h, w, [size, size], v2.InterpolationMode.NEAREST)[0]
@@ -497,7 +497,7 @@ def draw_color_params(rng, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2
 
 
 def _gray(x):
-    """ITU-R 601-2 luma, as torchvision's rgb_to_grayscale: (B, 3, H, W) → (B, 1, H, W)."""
+    """ITU-R 601-2 luma, as torchvision's rgb_to_grayscale: B×3×H×W → B×1×H×W."""
     r, g, b = x.unbind(1)
     return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
 
@@ -515,7 +515,7 @@ def _blend_step(x, op, factors, active):
 
 
 def _adjust_hue(x, hue):
-    """Shift the HSV hue of each image of (B, 3, H, W) by hue (B,) turns, as torchvision's adjust_hue, by the closed
+    """Shift the HSV hue of each image of B×3×H×W by hue (B,) turns, as torchvision's adjust_hue, by the closed
     form of HSV → RGB: channel = V − (max − min)·clamp(min(k, 4 − k), 0, 1), k = (n + 6H) mod 6, n = 5, 3, 1."""
     r, g, b = x.unbind(1)                                                             # each B×H×W
     maxc, minc = x.amax(dim=1), x.amin(dim=1)
@@ -529,7 +529,7 @@ def _adjust_hue(x, hue):
 
 
 def apply_color_params(x, params):
-    """Colour-augment a batch x (B, 3, H, W) in [0, 1], each image with its own params (B, 9) from draw_color_params:
+    """Colour-augment a batch x B×3×H×W in [0, 1], each image with its own params B×9 from draw_color_params:
     the same result as torchvision's ops applied image by image (tests), without a loop over images or a host sync.
     Returns float32 in [0, 1], also inside an autocast region."""
     with torch.autocast(device_type=x.device.type, enabled=False):
@@ -1266,13 +1266,13 @@ def print_table(rows, header):
 
 
 def colorize(label):
-    """(H, W) class indices → (3, H, W) uint8 in the VOC palette (255 = ignore shows white-ish)."""
+    """H×W class indices → 3×H×W uint8 in the VOC palette (255 = ignore shows white-ish)."""
     pal = torch.from_numpy(voc_palette())
     return pal[label.long().clamp(0, 255)].permute(2, 0, 1).contiguous()
 
 
 def save_grid(tiles, path, ncol, size=None):
-    """Save a list of (3, H, W) uint8 tiles as one PNG grid, `ncol` tiles a row, each resized to `size`×`size`."""
+    """Save a list of 3×H×W uint8 tiles as one PNG grid, `ncol` tiles a row, each resized to `size`×`size`."""
     if size:
         tiles = [F.interpolate(t[None].float(), size=(size, size), mode="nearest")[0].to(torch.uint8) for t in tiles]
     grid = torchvision.utils.make_grid(tiles, nrow=ncol, padding=2, pad_value=255)

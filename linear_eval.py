@@ -88,9 +88,9 @@ def check_frozen(model, before):
 # argmax on every pixel (NOTES.md); tests/golden/crf_pydensecrf.json pins it.
 
 def _lattice(feat):
-    """Permutohedral lattice for feat (N, d) float32, features already divided by their standard
+    """Permutohedral lattice for feat N×d float32, features already divided by their standard
     deviations.  Returns it as sparse matrices with M = number of lattice points:
-    splat (M, N), blurs: d+1 of (M, M), slice (N, M) = splat^T."""
+    splat M×N, blurs: d+1 of M×M, slice N×M = splat^T."""
     n, d = feat.shape
     dev = feat.device
     # Elevate onto the plane sum(x)=0 of R^(d+1), scaled so that the lattice blur has unit standard
@@ -99,8 +99,8 @@ def _lattice(feat):
     inv_std = float(torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32))
     scale = torch.tensor([1.0 / math.sqrt((i + 1) * (i + 2)) * inv_std for i in range(d)], device=dev)
     inv = torch.tensor(1.0 / (d + 1), device=dev)                  # float32, as the C++ multiplies
-    cf = feat * scale                                              # (N, d)
-    elev = torch.empty(n, d + 1, device=dev)                       # (N, d+1)
+    cf = feat * scale                                              # N×d
+    elev = torch.empty(n, d + 1, device=dev)                       # N×d+1
     acc = torch.zeros(n, device=dev)
     for j in range(d, 0, -1):
         elev[:, j] = acc - j * cf[:, j - 1]
@@ -109,14 +109,14 @@ def _lattice(feat):
 
     # Nearest remainder-0 point (all coordinates multiples of d+1), then the rank of each residual
     # coordinate in decreasing order (ties to the lower index); the rank says which simplex we are in.
-    down = torch.round(elev * inv)                                 # (N, d+1), integer-valued
+    down = torch.round(elev * inv)                                 # N×d+1, integer-valued
     rem0 = down * (d + 1)
     res = elev - rem0
-    less = res[:, :, None] < res[:, None, :]                       # (N, d+1, d+1): res_i < res_j
+    less = res[:, :, None] < res[:, None, :]                       # N×d+1×d+1: res_i < res_j
     upper = torch.ones(d + 1, d + 1, dtype=torch.bool, device=dev).triu(1)   # i < j
     rank = (less & upper).sum(2) + (~less & upper).sum(1) + down.sum(1, keepdim=True).long()
     # The rounded point may lie off the plane (sum(down) != 0): wrapping the rank brings it back.
-    wrap = (rank < 0).long() - (rank > d).long()                   # (N, d+1)
+    wrap = (rank < 0).long() - (rank > d).long()                   # N×d+1
     rank = rank + (d + 1) * wrap
     rem0 = rem0 + (d + 1) * wrap
 
@@ -128,7 +128,7 @@ def _lattice(feat):
     # Corner r of the simplex is rem0 + the canonical offset r - (d+1)·[rank > d-r]; the last of
     # the d+1 coordinates is implied by sum = 0, so keys have d integers.
     r = torch.arange(d + 1, device=dev)[None, :, None]             # (1, d+1, 1)
-    keys = rem0[:, None, :d].long() + r - (d + 1) * (rank[:, None, :d] > d - r).long()  # (N, d+1, d)
+    keys = rem0[:, None, :d].long() + r - (d + 1) * (rank[:, None, :d] > d - r).long()  # N×d+1×d
     # Pack keys into one int64 with d+1 of margin per coordinate, so that a neighbour's code is the
     # point's code plus a constant step and needs no decoding.
     lo = keys.amin((0, 1)) - (d + 1)
@@ -136,7 +136,7 @@ def _lattice(feat):
     assert math.prod(span.tolist()) < 2 ** 62, "lattice too large to pack into int64"
     stride = torch.cumprod(torch.cat([span.new_ones(1), span[:-1]]), 0)   # (d,)
     points, vertex, count = torch.unique(((keys - lo) * stride).sum(2), return_inverse=True,
-                                         return_counts=True)       # (M,), (N, d+1), (M,)
+                                         return_counts=True)       # (M,), N×d+1, (M,)
     m = len(points)
 
     # The lattice as CSR matrices (the sparse format with a fast sparse @ dense on CPU and CUDA),
@@ -150,13 +150,13 @@ def _lattice(feat):
     blurs = []
     point = torch.arange(m, device=dev)
     for step in [(d + 1) * stride[j] - stride.sum() for j in range(d)] + [-stride.sum()]:
-        code = torch.stack([points, points + step, points - step], 1)        # (M, 3)
+        code = torch.stack([points, points + step, points - step], 1)        # M×3
         idx = torch.searchsorted(points, code).clamp(max=m - 1)
         keep = points[idx] == code
         idx, order = torch.where(keep, idx, point[:, None]).sort(1)  # columns ascending per row
         keep = keep.gather(1, order)
         vals = torch.tensor([1.0, 0.5, 0.5], device=dev).expand(m, 3).gather(1, order)
-        blurs.append(_csr(keep.sum(1), idx[keep], vals[keep], (m, m)))     # (M, M)
+        blurs.append(_csr(keep.sum(1), idx[keep], vals[keep], (m, m)))     # M×M
     return splat, blurs, slice_
 
 
@@ -170,20 +170,20 @@ def _csr(count, cols, vals, size):
 
 
 def _filter(x, splat, blurs, slice_):
-    """Approximate Gaussian filtering sum_j k(f_i, f_j) x_j of x (N, C), the pixel's own term
+    """Approximate Gaussian filtering sum_j k(f_i, f_j) x_j of x N×C, the pixel's own term
     included (the reference does not subtract it).  The reference's constant factor 1/(1+2^-d) is
     left out: it cancels under the symmetric normalisation."""
-    y = splat @ x                                                  # (M, C)
+    y = splat @ x                                                  # M×C
     for blur in blurs:
         y = blur @ y
-    return slice_ @ y                                              # (N, C)
+    return slice_ @ y                                              # N×C
 
 
 def dense_crf(image, probs, iters=10, gauss_sxy=1.0, gauss_compat=3.0, bilat_sxy=67.0,
               bilat_srgb=3.0, bilat_compat=4.0):
-    """image: uint8 tensor (3, H, W) RGB; probs: float tensor (C, H, W) class probabilities
+    """image: uint8 tensor 3×H×W RGB; probs: float tensor C×H×W class probabilities
     (softmax of a classifier), on the same device.
-    Returns float32 (C, H, W): the mean-field marginals Q after `iters` iterations.
+    Returns float32 C×H×W: the mean-field marginals Q after `iters` iterations.
 
     Channel order matters slightly (the lattice is not invariant to permuting features): the
     MaskContrast release passes cv2's BGR image, so pass image.flip(0) to reproduce it exactly."""
@@ -192,18 +192,18 @@ def dense_crf(image, probs, iters=10, gauss_sxy=1.0, gauss_compat=3.0, bilat_sxy
     dev = probs.device
     ys, xs = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float32),
                             torch.arange(w, device=dev, dtype=torch.float32), indexing="ij")
-    xy = torch.stack([xs, ys], -1).reshape(-1, 2)                  # (N, 2), x first as DenseCRF2D
-    rgb = image.reshape(3, -1).t().float()                         # (N, 3)
+    xy = torch.stack([xs, ys], -1).reshape(-1, 2)                  # N×2, x first as DenseCRF2D
+    rgb = image.reshape(3, -1).t().float()                         # N×3
     kernels = []
     for feat, compat in ((xy / gauss_sxy, gauss_compat),
                          (torch.cat([xy / bilat_sxy, rgb / bilat_srgb], 1), bilat_compat)):
         lattice = _lattice(feat)
         # NORMALIZE_SYMMETRIC: K -> D^-1/2 K D^-1/2 with D = K·1 (each pixel's total kernel weight).
-        norm = _filter(torch.ones(h * w, 1, device=dev), *lattice).rsqrt()   # (N, 1)
+        norm = _filter(torch.ones(h * w, 1, device=dev), *lattice).rsqrt()   # N×1
         kernels.append((lattice, norm, compat))
 
     # Unary -log p, with p clipped at 1e-5 as pydensecrf.utils.unary_from_softmax does.
-    unary = -probs.float().clamp_min(1e-5).log().reshape(c, -1).t()  # (N, C)
+    unary = -probs.float().clamp_min(1e-5).log().reshape(c, -1).t()  # N×C
     q = torch.softmax(-unary, 1)
     for _ in range(iters):
         # Potts energy w·[l_i != l_j] equals -w·[l_i == l_j] up to a constant, so each kernel's

@@ -70,7 +70,7 @@ import common
 # Prior 1: minimum-barrier distance (Zhang et al. ICCV 2015, MB+)
 
 def rgb_to_lab(x):
-    """(B, 3, H, W) RGB in [0, 1] → CIE Lab (D65 white): L in [0, 100], a and b roughly in [-110, 110]."""
+    """B×3×H×W RGB in [0, 1] → CIE Lab (D65 white): L in [0, 100], a and b roughly in [-110, 110]."""
     x = torch.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
     m = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
                       [0.019334, 0.119193, 0.950227]], device=x.device, dtype=x.dtype)
@@ -88,8 +88,8 @@ def minmax(x):
 
 
 def _barrier_sweeps(D, U, L, I):
-    """One forward and one backward sweep over the rows of (N, H, W) maps, in place: a pixel takes the path through
-    its (already swept) neighbour row when that path's barrier max(U, I) − min(L, I) is lower. A whole row is one
+    """One forward and one backward sweep over the rows of N×H×W maps, in place: a pixel takes the path through
+    its (already swept) neighbour row when that path's barrier maxU×I − minL×I is lower. A whole row is one
     vector step, which is what makes the raster scan fast in torch."""
     n = D.shape[1]
     for rows, step in ((range(1, n), -1), (range(n - 2, -1, -1), 1)):
@@ -104,7 +104,7 @@ def _barrier_sweeps(D, U, L, I):
 
 
 def mbd_distance(img, iters=2):
-    """Minimum-barrier distance of each pixel to the image border for (N, H, W) uint8 maps (FastMBD: sweeps down,
+    """Minimum-barrier distance of each pixel to the image border for N×H×W uint8 maps (FastMBD: sweeps down,
     up, right and left, `iters` times; uint8 keeps it exact and 4× lighter than float)."""
     D = torch.full_like(img, 255)
     D[:, 0] = D[:, -1] = D[:, :, 0] = D[:, :, -1] = 0
@@ -164,7 +164,7 @@ def morph_smooth(s, k):
 
 
 def otsu(x, bins=64):
-    """Otsu's threshold of each map of a (B, H, W) batch in [0, 1]."""
+    """Otsu's threshold of each map of a B×H×W batch in [0, 1]."""
     q = (x.flatten(1) * (bins - 1)).round().long()
     p = torch.zeros(x.shape[0], bins, device=x.device).scatter_add_(1, q, torch.ones_like(q, dtype=torch.float))
     p = p / p.sum(1, keepdim=True)
@@ -181,7 +181,7 @@ def centre_bias(H, W, device, sigma=0.4):
 
 
 def mbd_prior(rgb):
-    """MB+ saliency of a (B, 3, H, W) batch in [0, 1] → (B, H, W) in [0, 1]."""
+    """MB+ saliency of a B×3×H×W batch in [0, 1] → B×H×W in [0, 1]."""
     lab = rgb_to_lab(rgb)
     q = torch.stack([lab[:, 0] * 2.55, lab[:, 1] + 128, lab[:, 2] + 128], 1).round().clamp(0, 255).to(torch.uint8)
     dist = mbd_distance(q.flatten(0, 1)).view(q.shape).float().sum(1)
@@ -202,14 +202,14 @@ def slic_cell(size, grid=16, cell=8):
 
 def slic(lab, grid=16, cell=8, compactness=10.0, iters=5):
     """SLIC superpixels on a grid×grid lattice, the image resampled to (grid·cell)²: each pixel joins the nearest
-    (Lab + scaled position) of the 9 centres around its own block, as one batched matmul. Returns labels (B, n, n)
-    in [0, grid²), pixel counts (B, K) and centres (B, K, 5): mean Lab and mean position (× compactness / cell)."""
+    (Lab + scaled position) of the 9 centres around its own block, as one batched matmul. Returns labels B×n×n
+    in [0, grid²), pixel counts B×K and centres B×K×5: mean Lab and mean position (× compactness / cell)."""
     B, g, n = lab.shape[0], grid, grid * cell
     x = F.interpolate(lab, size=(n, n), mode="bilinear", align_corners=False, antialias=True)
     r = torch.arange(n, device=lab.device, dtype=lab.dtype) * (compactness / cell)
     f = torch.cat([x, r.view(1, 1, n, 1).expand(B, 1, n, n), r.view(1, 1, 1, n).expand(B, 1, n, n)], 1)
     blocks = f.view(B, 5, g, cell, g, cell).permute(0, 2, 4, 3, 5, 1).reshape(B * g * g, cell * cell, 5)
-    cen = blocks.mean(1).view(B, g, g, 5).permute(0, 3, 1, 2)  # (B, 5, g, g)
+    cen = blocks.mean(1).view(B, g, g, 5).permute(0, 3, 1, 2)  # B×5×g×g
     gi = torch.arange(g, device=lab.device)
     for _ in range(iters):
         far = F.pad(cen, (1, 1, 1, 1), value=1e4)  # centres outside the lattice never win
@@ -228,7 +228,7 @@ def slic(lab, grid=16, cell=8, compactness=10.0, iters=5):
 
 
 def rbd_prior(rgb, grid=16, cell=8, sigma_clr=10.0, sigma_bndcon=1.0, sigma_spa=0.25, mu=0.1):
-    """Robust-background-detection saliency of a (B, 3, H, W) batch in [0, 1] → (B, H, W) in [0, 1]; the sigmas and
+    """Robust-background-detection saliency of a B×3×H×W batch in [0, 1] → B×H×W in [0, 1]; the sigmas and
     mu are the paper's."""
     B, _, H, W = rgb.shape
     dev = rgb.device
@@ -315,7 +315,7 @@ def postprocess(prob, threshold=0.5, min_area=0.01):
 
 def merge_regions(label, lab, count, merge_below=25.0, max_region=0.5):
     """A hierarchical segmentation of one image, bottom-up from its SLIC superpixels (label: n×n ids in [0, K); lab:
-    their mean CIE Lab colours (K, 3); count: their pixels (K,)): the two adjacent regions whose mean colours are
+    their mean CIE Lab colours K×3; count: their pixels (K,)): the two adjacent regions whose mean colours are
     closest merge, their mean and size updated, until no adjacent pair is closer than `merge_below` Lab units. Regions
     larger than `max_region` of the image — sky, ground, walls — are background; every other region is an object.
     Returns n×n uint8 ids (0 background, 1… the regions, in the order of their first superpixel)."""
@@ -349,7 +349,7 @@ def merge_regions(label, lab, count, merge_below=25.0, max_region=0.5):
 
 def hierarchical_regions(images, batch, device, merge_below, max_region):
     """Table 2a's first source, no saliency at all: each image's SLIC superpixels (batched on the device, as the RBD
-    prior computes them) merged by merge_regions. Returns (N, n, n) uint8 region ids."""
+    prior computes them) merged by merge_regions. Returns N×n×n uint8 region ids."""
     out = []
     for i in range(0, len(images), batch):
         lab = rgb_to_lab(images[i:i + batch].to(device).float() / 255)
@@ -409,7 +409,7 @@ CHUNK = 256  # images per chunk: the unit of work of a process, and of --resume 
 
 
 class Resized(torch.utils.data.Dataset):
-    """Images decoded and resized to size×size uint8 (3, S, S)."""
+    """Images decoded and resized to size×size uint8 3×S×S."""
 
     def __init__(self, images, size):
         self.images, self.size = images, size
@@ -427,7 +427,7 @@ def chunks(n, world):
 
 
 def chunk_images(images, size, todo, workers):
-    """The images of each chunk in `todo`, one uint8 (n, 3, S, S) tensor per chunk, read by DataLoader workers."""
+    """The images of each chunk in `todo`, one uint8 n×3×S×S tensor per chunk, read by DataLoader workers."""
     return torch.utils.data.DataLoader(Resized(images, size), batch_sampler=[list(range(a, b)) for _, a, b in todo],
                                        num_workers=workers)
 
@@ -438,7 +438,7 @@ def barrier(world):
 
 
 class MapFile:
-    """One stage's uint8 maps (N, S, S) in an .npy file of the work folder, written a chunk and read a map at a time
+    """One stage's uint8 maps N×S×S in an .npy file of the work folder, written a chunk and read a map at a time
     with plain file I/O: no memory map, whose touched pages would stay in the process's memory, so that memory does
     not grow with the images."""
 
@@ -492,7 +492,7 @@ def stage_done(run, stage):
 
 
 def fill_stage(run, stage, names, shape, produce):
-    """Run `produce` (a chunk's uint8 images (n, 3, S, S) → one uint8 array per name) over this process's unfinished
+    """Run `produce` (a chunk's uint8 images n×3×S×S → one uint8 array per name) over this process's unfinished
     chunks, writing each chunk's rows before its flag. Returns (the arrays, read-only, once every process is done;
     seconds)."""
     arrays, done = stage_arrays(run, stage, names, shape)
@@ -537,14 +537,14 @@ def map_at(maps, i, hw):
 
 
 def read_gt(path, image):
-    """A ground-truth mask as bool (H, W): a grey or 0/255 mask thresholded at 128, or object ids > 0."""
+    """A ground-truth mask as bool H×W: a grey or 0/255 mask thresholded at 128, or object ids > 0."""
     g = common.read_mask(path)
     common.check_same_size(g, common.image_size(image), path, image, "ground truth")
     return g >= 128 if g.max() == 255 else g > 0
 
 
 def read_grey(path):
-    """A saliency map of any mode as (H, W) float in [0, 1]."""
+    """A saliency map of any mode as H×W float in [0, 1]."""
     return common.read_mask(path).float() / 255
 
 
@@ -582,7 +582,7 @@ class NetConfig:
 
 
 class PseudoLabels:
-    """Image i's labels 0 / 1 / IGNORE (S, S) from stored maps: the confident pixels of `target` (or, with a
+    """Image i's labels 0 / 1 / IGNORE S×S from stored maps: the confident pixels of `target` (or, with a
     `prior` and weight w < 1 after the first round, of the mix w·prior + (1 − w)·target). Opens the map files
     arrays lazily, in each loader worker."""
 
@@ -692,7 +692,7 @@ def train_saliency_network(data, net, seed, world, checkpoint, resume, tag):
 
 @torch.no_grad()
 def predict_saliency(model, images, size, batch_size, device, amp, out_size):
-    """Saliency probabilities of uint8 images (N, 3, S, S), averaged with those of their mirror image, as uint8 maps
+    """Saliency probabilities of uint8 images N×3×S×S, averaged with those of their mirror image, as uint8 maps
     (N, out_size, out_size)."""
     model.eval()
     norm = common.eval_transform(size, "bilinear")  # (the maps are made at the size the images were read at)

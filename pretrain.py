@@ -53,9 +53,9 @@ def maskcontrast_loss(q, k, s_q, s_k, queue, temperature=0.5, weighting="enet"):
     """The contrastive loss of Algorithm 1 for one batch, over every object of every image (Sec. 3.3's {M0, …, MN});
     with one object per image it is the release's, to the bit (tests/golden).
 
-    q, k: (N, D, H, W) unit-norm pixel embeddings of the query and key views (k carries no gradient);
-    s_q, s_k: (N, H, W) object ids of the two views — 0 background, 1…M the objects of each image — or bool masks
-    (one object per image); queue: (D, K) unit-norm prototypes of earlier batches. Returns (loss, p_k), p_k (P, D)
+    q, k: N×D×H×W unit-norm pixel embeddings of the query and key views (k carries no gradient);
+    s_q, s_k: N×H×W object ids of the two views — 0 background, 1…M the objects of each image — or bool masks
+    (one object per image); queue: D×K unit-norm prototypes of earlier batches. Returns (loss, p_k), p_k P×D
     being the unit-norm key prototypes, one per object present in the key view, in (image, id) order, for the queue.
     A query pixel of an object absent from the key view has no target and is ignored; at least one object of the
     batch must be in both views.
@@ -88,7 +88,7 @@ def maskcontrast_loss(q, k, s_q, s_k, queue, temperature=0.5, weighting="enet"):
 
 
 def saliency_loss(aux, s_q, balanced=True):
-    """The BCE of the saliency head's logits `aux` (N, H, W) against the query view's objects s_q (ids or bool: their
+    """The BCE of the saliency head's logits `aux` N×H×W against the query view's objects s_q (ids or bool: their
     union is the foreground). Balanced (the release, HED-style): positive pixels weigh the batch's share of negatives
     and negatives the share of positives."""
     t = (s_q > 0).to(aux.dtype)
@@ -120,7 +120,7 @@ def denormalize(x):
 
 
 def majority_pool(s, size):
-    """Object ids (N, H, W) brought to `size`: each cell takes the id most of its pixels carry, background on a tie
+    """Object ids N×H×W brought to `size`: each cell takes the id most of its pixels carry, background on a tie
     (with one object: a cell is salient when more than half of its pixels are)."""
     one_hot = F.one_hot(s.long(), int(s.max()) + 1).permute(0, 3, 1, 2).float()
     return F.adaptive_avg_pool2d(one_hot, size).argmax(1)
@@ -134,15 +134,6 @@ def gather_prototypes(p_k):
     counts = all_gather_nograd(torch.tensor([len(p_k)], device=p_k.device)).tolist()
     rows = all_gather_nograd(F.pad(p_k, (0, 0, 0, max(counts) - len(p_k))))
     return torch.cat([rows[r * max(counts):r * max(counts) + c] for r, c in enumerate(counts)])
-
-
-def in_parts(f, x, parts, **kw):
-    """f applied to each of `parts` equal parts of the batch x on its own, as `parts` GPUs would, each part with its
-    own BatchNorm statistics; the outputs concatenated."""
-    if parts == 1:
-        return f(x, **kw)
-    outs = [f(chunk, **kw) for chunk in x.chunk(parts)]
-    return [torch.cat(o) if o[0] is not None else None for o in zip(*outs)]
 
 
 @dataclass
@@ -199,9 +190,6 @@ class MaskContrast(nn.Module):
         """k = f_k(x_k) at stride 8. Across GPUs, MoCo's batch shuffle: each GPU encodes a random share of the global
         batch, so that BatchNorm's batch statistics cannot tell a key from its own query."""
         f_k = self.f_k if self.f_k is not None else self.f_q
-        if self.parts > 1:  # one process in the place of several GPUs: the shuffle runs across its parts
-            perm = torch.randperm(len(x_k), device=x_k.device)
-            return in_parts(f_k, x_k[perm], self.parts, upsample=False)[0][torch.argsort(perm)]
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return f_k(x_k, upsample=False)[0]
         world, rank = dist.get_world_size(), dist.get_rank()
@@ -223,10 +211,19 @@ class MaskContrast(nn.Module):
         self.queue[:, idx] = p_k.T.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + len(p_k)) % K)
 
+    def encode_queries(self, x_q, upsample):
+        """q, aux = f_q(x_q): embeddings N×D×H×W and saliency logits N×H×W."""
+        return self.f_q(x_q, upsample=upsample)
+
+    def losses(self, q, k, s_q, s_k, aux):
+        """(the contrastive loss, the saliency loss, p_k) of Algorithm 1 against the queue as it was."""
+        loss_c, p_k = maskcontrast_loss(q, k, s_q, s_k, self.queue.clone(), self.T, self.weighting)
+        return loss_c, saliency_loss(aux, s_q, self.balanced_bce), p_k
+
     def forward(self, x_q, s_q, x_k, s_k):
         """One step of Algorithm 1 up to the loss: returns (loss, its two parts)."""
-        full, P = self.loss_res == "input", self.parts
-        q, aux = in_parts(self.f_q, x_q, P, upsample=full)  # queries: N×D×H×W; aux: the saliency estimate, N×H×W
+        full = self.loss_res == "input"
+        q, aux = self.encode_queries(x_q, upsample=full)  # queries: N×D×H×W; aux: the saliency estimate, N×H×W
         if self.f_k is not None:
             # Algorithm 1 updates f_k after the SGD step; MoCo and the release do it here, before the keys. f_k is the
             # same at every key forward either way (the first update here changes nothing: f_k = f_q).
@@ -238,14 +235,37 @@ class MaskContrast(nn.Module):
             s_q, s_k = majority_pool(s_q, q.shape[-2:]), majority_pool(s_k, k.shape[-2:])
         with torch.autocast(x_q.device.type, enabled=False):  # the loss in fp32
             q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
-            queue = self.queue.clone()
-            losses = [maskcontrast_loss(*part, queue, self.T, self.weighting)  # (one part unless --batch-parts)
-                      for part in zip(q.chunk(P), k.chunk(P), s_q.chunk(P), s_k.chunk(P))]
-            loss_c, p_k = torch.stack([loss for loss, _ in losses]).mean(), torch.cat([p for _, p in losses])
-            loss_s = torch.stack([saliency_loss(a, s, self.balanced_bce)
-                                  for a, s in zip(aux.float().chunk(P), s_q.chunk(P))]).mean()
+            loss_c, loss_s, p_k = self.losses(q, k, s_q, s_k, aux.float())
         self.enqueue(p_k)
         return loss_c + self.sal_weight * loss_s, {"contrast": loss_c.detach(), "saliency": loss_s.detach()}
+
+
+class InParts(MaskContrast):
+    """--batch-parts P: one process trains as the release's P GPUs did. Each part of the batch is encoded with its
+    own BatchNorm statistics (the keys shuffled across the parts, as MoCo's across GPUs) and contrasted with its own
+    prototypes plus the queue, which takes every part's; the loss is the mean of the parts' (DDP's mean of the GPUs'
+    gradients)."""
+
+    def encode_queries(self, x_q, upsample):
+        q, aux = zip(*(self.f_q(x, upsample=upsample) for x in x_q.chunk(self.parts)))
+        return torch.cat(q), torch.cat(aux)
+
+    @torch.no_grad()
+    def encode_keys(self, x_k):
+        f_k = self.f_k if self.f_k is not None else self.f_q
+        perm = torch.randperm(len(x_k), device=x_k.device)
+        k = torch.cat([f_k(x, upsample=False)[0] for x in x_k[perm].chunk(self.parts)])
+        return k[torch.argsort(perm)]
+
+    def losses(self, q, k, s_q, s_k, aux):
+        chunks = (t.chunk(self.parts) for t in (q, k, s_q, s_k, aux))
+        loss_c, loss_s, p_k = zip(*(super(InParts, self).losses(*part) for part in zip(*chunks)))
+        return torch.stack(loss_c).mean(), torch.stack(loss_s).mean(), torch.cat(p_k)
+
+
+def mask_contrast(f_q, cfg=Contrast()):
+    """MaskContrast with the settings `cfg` (InParts when cfg.parts > 1)."""
+    return (InParts if cfg.parts > 1 else MaskContrast)(f_q, cfg)
 
 
 # ======================================================================================================================
@@ -449,7 +469,7 @@ def main(argv=None, hook=None):
     common.print0(common.load_backbone_weights(f_q.backbone, args.backbone_init, args.arch))
     cfg = Contrast(args.queue_size, args.key_momentum, args.temperature, args.weighting, not args.plain_bce,
                    args.sal_weight, not args.no_momentum_encoder, args.loss_res, tuple(args.freeze), args.batch_parts)
-    model = MaskContrast(f_q, cfg).to(device)
+    model = mask_contrast(f_q, cfg).to(device)
     channels_last = device.type == "cuda"  # faster convolutions with cuDNN
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -125,8 +125,8 @@ def test_balanced_bce_matches_definition():
 
 def tiny_pair(queue_size=4, momentum=0.9, **kw):
     torch.manual_seed(0)
-    return pretrain.MaskContrast(SegModel("resnet18", 8),
-                                 pretrain.Contrast(queue_size=queue_size, momentum=momentum, **kw))
+    return pretrain.mask_contrast(SegModel("resnet18", 8),
+                                  pretrain.Contrast(queue_size=queue_size, momentum=momentum, **kw))
 
 
 def test_key_network_gets_no_gradient_and_moves_by_momentum():
