@@ -654,8 +654,10 @@ def train_saliency_network(data, net, seed, world, checkpoint, resume, tag):
     step = common.TrainStep(optimizer, [model], device, net.amp,
                             advice=f"a learning rate too high (--lr {net.lr:g})")
     total, start, made_with = net.epochs * len(loader), 0, {"net": asdict(net), "seed": seed}
-    ck = common.restart_from_checkpoint(checkpoint, "saliency", made_with, afresh_on_change=True, model=model,
-                                        optimizer=optimizer, train_step=step) if resume and checkpoint.is_file() else None
+    ck = None
+    if resume and checkpoint.is_file():
+        ck = common.restart_from_checkpoint(checkpoint, "saliency", made_with, afresh_on_change=True, model=model,
+                                            optimizer=optimizer, train_step=step)
     if ck:
         start, step.checkpoint = ck["epoch"], checkpoint
     common.print0(f"[{tag}] {len(data)} images, {total} steps; {report}")
@@ -934,7 +936,8 @@ def get_args(argv=None):
         p.error("need 0 <= --bg-thresh <= --fg-thresh <= 1")
     args.mode = "import" if args.import_maps else "supervised" if args.train_images else "unsupervised"
     if args.proposals == "hierarchical" and args.mode != "unsupervised":
-        p.error(f"--proposals hierarchical uses no saliency: drop --{'import-maps' if args.import_maps else 'train-images'}")
+        p.error("--proposals hierarchical uses no saliency: drop --" + ("import-maps" if args.import_maps else
+                                                                         "train-images"))
     return args
 
 
@@ -1050,7 +1053,8 @@ def main(argv=None):
                             for k, m in summary["stages"].items()], ["stage", "MAE", "max-F", "IoU@0.5"])
     common.print0(f"{len(kept)} masks written to {', '.join(str(d) for d in sorted(set(dests)))}; "
                   f"{len(dropped)} images dropped (listed in dropped.txt); mean foreground "
-                  f"{summary['mean_foreground_share']:.1%}; {summary['objects_per_image']['mean']:.2f} objects an image")
+                  f"{summary['mean_foreground_share']:.1%}; {summary['objects_per_image']['mean']:.2f} objects an "
+                  "image")
     return summary
 
 

@@ -255,8 +255,8 @@ def _rank(rank, argv, port):
 def test_two_ddp_processes_on_cpu(small_root, tmp_path):
     """What `torchrun --nproc_per_node 2` starts — two processes with its environment, gloo on the CPU — forked from
     this one (a fresh interpreter per process would import torch again): the key shuffle, the queue fed by both."""
-    torch.multiprocessing.start_processes(_rank, args=(args_for(small_root, tmp_path, "--epochs", "1", "--device", "cpu"),
-                                                       29531), nprocs=2, start_method="fork")
+    argv = args_for(small_root, tmp_path, "--epochs", "1", "--device", "cpu")
+    torch.multiprocessing.start_processes(_rank, args=(argv, 29531), nprocs=2, start_method="fork")
     assert load_checkpoint(tmp_path / "checkpoint.pth")["history"][-1]["step"] == 2  # 16 images / global batch 8
 
 

@@ -56,8 +56,8 @@ def test_demo_sh_runs_at_toy_size(tmp_path, monkeypatch, capsys):
     env = {"OUT": str(tmp_path / "demo"), "N_TRAIN": "12", "N_VAL": "6", "IMG": "32", "NET": "32", "BATCH": "4",
            "PT_EPOCHS": "1", "LC_EPOCHS": "1", "FT_ITERS": "1", "FT_SPLITS": "1"}
     ran = replay(recorded_commands(ROOT / "demo.sh", env, tmp_path / "shim"), monkeypatch)
-    assert ran == ["tools/synthetic.py", "mine_masks.py", "pretrain.py", "linear_eval.py", "linear_eval.py", "kmeans_eval.py",
-                   "kmeans_eval.py", "finetune.py", "-"]
+    assert ran == ["tools/synthetic.py", "mine_masks.py", "pretrain.py", "linear_eval.py", "linear_eval.py",
+                   "kmeans_eval.py", "kmeans_eval.py", "finetune.py", "-"]
     printed = capsys.readouterr().out
     assert "protocol (mIoU %, synthetic val)" in printed and "fine-tuning, 2% of the labels" in printed
 

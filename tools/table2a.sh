@@ -44,6 +44,7 @@ print(f"\nTable 2a on {o} (mIoU %)      LC   K-Means/image  K-Means/components  
 for p in ("saliency", "components", "hierarchical", "random"):
     km = [next(iter(j(f"kmeans_{p}_{x}/kmeans_eval.json")["clusters"].values())) for x in ("image", "components")]
     mined = j(f"mine_{p}/summary.json")["objects_per_image"]["mean"] if p != "random" else float("nan")
-    print(f"{p:<28s}{j(f'linear_{p}/linear_eval.json')['miou']:6.1f}  {km[0]['miou_mean']:9.1f} ± {km[0]['miou_std']:3.1f}"
+    lc = j(f"linear_{p}/linear_eval.json")["miou"]
+    print(f"{p:<28s}{lc:6.1f}  {km[0]['miou_mean']:9.1f} ± {km[0]['miou_std']:3.1f}"
           f"  {km[1]['miou_mean']:11.1f} ± {km[1]['miou_std']:3.1f}  {mined:10.2f}")
 EOF
