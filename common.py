@@ -22,6 +22,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import scipy.ndimage
@@ -76,6 +77,11 @@ def dilated_resnet(arch, output_stride=8):
     return net
 
 
+class SegOutput(NamedTuple):
+    out: torch.Tensor  # head output N×C×H×W: 32-d embeddings, or class logits once fine-tuning replaced the head
+    saliency: torch.Tensor | None  # saliency logits N×H×W, None without a saliency head
+
+
 class SegModel(nn.Module):
     """Backbone → DeepLab-v3 decoder (ASPP with rates 12/24/36 + 3×3 conv, 256-d, stride 8) → `head`, a 1×1 conv to
     `head_channels` (32-d pixel embeddings; class logits once fine-tuning replaces it), and `saliency_head`, a
@@ -111,8 +117,8 @@ class SegModel(nn.Module):
         return {"backbone": ARCH_CHANNELS[self.arch], "decoder": 256, "head": self.head.out_channels}[layer]
 
     def forward(self, x, upsample=True):
-        """(head output N×C×H×W, saliency logits N×H×W or None), upsampled bilinearly to the input size as
-        the release does, unless upsample=False (stride 8)."""
+        """SegOutput(out, saliency), upsampled bilinearly to the input size as the release does, unless
+        upsample=False (stride 8)."""
         f = self.features(x)
         out = self.head(f)
         sal = self.saliency_head(f)[:, 0] if self.saliency_head is not None else None
@@ -120,7 +126,7 @@ class SegModel(nn.Module):
             out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
             if sal is not None:
                 sal = F.interpolate(sal[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        return out, sal
+        return SegOutput(out, sal)
 
 
 def load_backbone_weights(net, spec, arch):

@@ -272,7 +272,7 @@ def finetune_run(init, rec, cfg, world, split, train_samples, run_dir, n_figures
         common.seed_all(cfg.seed, split, it)  # dropout: a function of the iteration, so a resumed run is exact
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with common.autocast(device, cfg.amp):
-            logits = ddp_model(x)[0]
+            logits = ddp_model(x).out
         loss = step(common.segmentation_loss(logits, y))
         if it >= cfg.iters - 20:
             loss_sum += loss

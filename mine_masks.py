@@ -673,7 +673,7 @@ def train_saliency_network(data, net, seed, world, checkpoint, resume, tag):
             x, y, c = x.to(device, non_blocking=True), y.to(device, non_blocking=True), c.to(device, non_blocking=True)
             x = common.normalize(common.apply_color_params(x.float() / 255, c))
             with common.autocast(device, net.amp):
-                logit = ddp(x)[1]
+                logit = ddp(x).saliency
             labelled = (y != common.IGNORE).float()
             bce = F.binary_cross_entropy_with_logits(logit.float(), y.clamp(max=1).float(), reduction="none")
             loss = (bce * labelled).sum() / labelled.sum().clamp(min=1)  # over the labelled pixels, no host sync
@@ -705,7 +705,7 @@ def predict_saliency(model, images, size, batch_size, device, amp, out_size):
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)  # cuDNN's faster layout
         with common.autocast(device, amp):
-            p = torch.sigmoid(model(x)[1].float())
+            p = torch.sigmoid(model(x).saliency.float())
         p = (p[:len(p) // 2] + p[len(p) // 2:].flip(-1)) / 2
         p = F.interpolate(p[:, None], size=(out_size, out_size), mode="bilinear", align_corners=False)[:, 0]
         out[i:i + len(p)] = (p.clamp(0, 1) * 255).round().to(torch.uint8).cpu()

@@ -191,12 +191,12 @@ class MaskContrast(nn.Module):
         batch, so that BatchNorm's batch statistics cannot tell a key from its own query."""
         f_k = self.f_k if self.f_k is not None else self.f_q
         if not dist.is_initialized() or dist.get_world_size() == 1:
-            return f_k(x_k, upsample=False)[0]
+            return f_k(x_k, upsample=False).out
         world, rank = dist.get_world_size(), dist.get_rank()
         x = all_gather_nograd(x_k)
         perm = torch.randperm(x.shape[0], device=x.device)
         dist.broadcast(perm, src=0)
-        k = f_k(x[perm.view(world, -1)[rank]], upsample=False)[0]
+        k = f_k(x[perm.view(world, -1)[rank]], upsample=False).out
         return all_gather_nograd(k)[torch.argsort(perm).view(world, -1)[rank]]
 
     @torch.no_grad()
@@ -254,7 +254,7 @@ class InParts(MaskContrast):
     def encode_keys(self, x_k):
         f_k = self.f_k if self.f_k is not None else self.f_q
         perm = torch.randperm(len(x_k), device=x_k.device)
-        k = torch.cat([f_k(x, upsample=False)[0] for x in x_k[perm].chunk(self.parts)])
+        k = torch.cat([f_k(x, upsample=False).out for x in x_k[perm].chunk(self.parts)])
         return k[torch.argsort(perm)]
 
     def losses(self, q, k, s_q, s_k, aux):
