@@ -1,15 +1,6 @@
-r"""What the five MaskContrast scripts share, in the order a reader needs it:
-
-1. the model (paper Fig. 3): DeepLab-v3 on a dilated ResNet, an embedding head and a saliency head;
-2. the data: the PASCAL VOC layout, labels and their validation, augmentation (the colour part batched on the
-   device), seeded sampling and the paper's VOC + SBD download;
-3. evaluation: confusion matrix, mIoU, scoring at each label's original size, loading a network to evaluate;
-4. runtime plumbing: errors, flags, processes, precision, the training step with its divergence guard, checkpoints,
-   output folders and pictures.
-
-Read the scripts first (mine_masks.py → pretrain.py → linear_eval.py / kmeans_eval.py / finetune.py); come here when
-they call something.
-"""
+"""What two or more of the five MaskContrast scripts use: 1. the model (paper Fig. 3), 2. the data, 3. evaluation,
+4. runtime (errors, flags, processes, the training step's divergence guard, checkpoints, output folders, pictures).
+Read the scripts first (mine_masks.py → pretrain.py → linear_eval.py / kmeans_eval.py / finetune.py)."""
 import argparse
 import contextlib
 import copy
@@ -130,13 +121,10 @@ class SegModel(nn.Module):
 
 
 def load_backbone_weights(net, spec, arch):
-    """Initialise a dilated ResNet from `spec`: 'random'; 'imagenet' (torchvision's V1 ImageNet classifier, as the
-    release) or 'imagenet-v2' (both need a network); a torchvision state-dict file; or a MoCo v2 checkpoint as
-    main_moco.py saves it (its query encoder, keys under module.encoder_q.; the key encoder and the queue are left).
-    fc (a classifier, or MoCo's MLP head) is dropped. BatchNorm's num_batches_tracked may be missing, as in files
-    saved before PyTorch 0.4.1 (torchvision's V1 resnet50-19c8e357.pth): torch.nn.BatchNorm2d fills it in, as when
-    PyTorch loads such a file. Any other missing or unexpected key refuses the file. Returns a line saying what was
-    loaded."""
+    """Initialise a dilated ResNet from `spec`: 'random', 'imagenet' (torchvision's V1 classifier, as released),
+    'imagenet-v2', a torchvision state-dict file or a MoCo v2 checkpoint (its encoder_q). fc is dropped; a missing
+    num_batches_tracked (files older than PyTorch 0.4.1, such as V1's resnet50-19c8e357.pth) is filled in as PyTorch
+    does; any other missing or unexpected key refuses the file. Returns a line saying what was loaded."""
     if spec in (None, "", "random"):
         return "backbone: random init"
     if spec in TORCHVISION_WEIGHTS:
@@ -290,9 +278,8 @@ def open_rgb(path):
 
 
 def read_image(path):
-    """RGB uint8 tensor 3×H×W. JPEG and PNG files go through torchvision's decoder, about twice as fast as PIL's
-    (it matters in the loader); what it does not read as 8-bit RGB — CMYK, 16 bits, a damaged file — through PIL,
-    which also takes over where torchvision no longer has the decoder (0.29 deprecates it in favour of TorchCodec)."""
+    """RGB uint8 3×H×W: JPEG and PNG through torchvision's decoder (twice as fast as PIL's, which matters in the
+    loader); what it cannot read as 8-bit RGB (CMYK, 16 bits, damage, a torchvision without it) through PIL."""
     if Path(path).suffix.lower() in (".jpg", ".jpeg", ".png"):
         try:
             with warnings.catch_warnings():
@@ -346,16 +333,11 @@ def image_size(path):
 
 
 def voc_palette():
-    """The PASCAL VOC colour map: 256 RGB triplets from the bits of the class index."""
-    pal = np.zeros((256, 3), np.uint8)
-    for i in range(256):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = (r, g, b)
+    """The PASCAL VOC colour map, 256×3 uint8: bit 3j + c of the class index is bit 7 − j of colour channel c."""
+    i, pal = np.arange(256), np.zeros((256, 3), np.uint8)
+    for j in range(8):
+        for c in range(3):
+            pal[:, c] |= ((i >> (3 * j + c)) & 1).astype(np.uint8) << (7 - j)
     return pal
 
 
@@ -399,11 +381,9 @@ class _LabelStats(torch.utils.data.Dataset):
 
 
 def scan_labels(splits, classes=0, workers=0):
-    """Read every label of `splits` ({split name: samples}) once, before any work, and validate them. Returns the
-    number of classes including background: `classes` when given, else the largest label value + 1.
-    Refused, each with the file or split named: a value at or above `classes`; without `classes`, a value so far
-    above the others that most classes below it never occur (a stray value would otherwise add classes); a split
-    whose labels hold no object class (only background or ignore: it would score background alone)."""
+    """Read and validate every label of `splits` ({name: samples}) before any work; returns the number of classes
+    (`classes`, else the largest value + 1). Refused, naming the file or split: a value ≥ `classes`; a stray value
+    far above the others (it would add classes); a split with no object class (it would score background alone)."""
     hists, rgb, where = {}, 0, {}
     for name, samples in splits.items():
         loader = torch.utils.data.DataLoader(_LabelStats(samples), batch_size=32, num_workers=workers)
@@ -486,10 +466,9 @@ def crop_view(t, view, size):
 
 
 def draw_color_params(rng, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2):
-    """The random part of torchvision's RandomApply([ColorJitter(*jitter)], p_jitter) + RandomGrayscale(p_gray) for
-    one image, drawn (by the DataLoader worker) from a numpy Generator with the same distribution: float32 (9,) =
-    [brightness, contrast, saturation, hue factors (identity 1, 1, 1, 0), the four ops' ids (0 brightness, 1 contrast,
-    2 saturation, 3 hue) in the order they are applied, grayscale 0/1]. A hue of exactly 0 skips the hue op."""
+    """torchvision's RandomApply([ColorJitter(*jitter)], p_jitter) + RandomGrayscale(p_gray) drawn for one image from
+    a numpy Generator: float32 (9,) = [brightness, contrast, saturation, hue factors (identity 1, 1, 1, 0), the ids of
+    the four ops (0 b, 1 c, 2 s, 3 h) in the order they apply, grayscale 0/1]. Hue 0 skips the hue op."""
     b, c, s, h = jitter
     if not 0 <= h <= 0.5:
         raise UserError(f"hue jitter {h}: must lie in [0, 0.5], as torchvision's")
@@ -597,11 +576,9 @@ def seeded(seed):
 
 
 class SeededSampler(torch.utils.data.Sampler):
-    """Yields (index, seed) pairs: epoch e visits the n items in an order drawn from (seed, e), and each visit has
-    its own augmentation seed. What a run sees is then a function of --seed alone: not of the worker count, not of
-    whether it was resumed. Each of `world` processes takes every world-th visit (n // world each).
-    loop=True: one endless stream of epochs, for training by iterations; set_epoch(e, start) skips this process's
-    first `start` visits (of epoch e, or of the stream), to resume exactly."""
+    """(index, seed) pairs: epoch e visits the n items in an order drawn from (seed, e), each visit with its own
+    augmentation seed, so what a run sees depends on --seed alone (not on workers or a resume). Process `rank` takes
+    every world-th visit; loop=True is one endless stream of epochs; set_epoch(e, start) skips `start` visits."""
 
     def __init__(self, n, seed, rank=0, world=1, loop=False):
         self.n, self.seed, self.rank, self.world, self.loop = n, seed, rank, world, loop
@@ -797,11 +774,9 @@ class Reader:
 
 @torch.no_grad()
 def evaluate_segmentation(predict, samples, n_classes, reader, world=None, keep=0, refine=None):
-    """Score `predict` (normalised images B×3×S×S → class logits at any resolution; in eval mode, the caller's part)
-    on `samples` read by `reader` and scored at each label's original size: logits upsampled bilinearly to it,
-    argmax, one confusion matrix over the whole split (each process scores every world.size-th image, then the counts
-    are summed). refine(sample, probs C×H×W) → probs (e.g. a CRF) adds a second confusion matrix. Returns {conf,
-    conf_refined, shown: the first `keep` (sample, label, prediction)}."""
+    """Score `predict` (images B×3×S×S → logits B×C×h×w) on `samples` at each label's original size (logits upsampled
+    bilinearly, argmax; each process takes every world.size-th image, the counts summed). refine(sample, probs) → probs
+    (a CRF) adds conf_refined. Returns {conf, conf_refined, shown: the first `keep` (sample, label, prediction)}."""
     device, amp = reader.device, reader.amp
     world = world or World(device=device)
     ds = torch.utils.data.Subset(SegDataset(samples, eval_transform(reader.size, reader.resize)),
@@ -1027,12 +1002,10 @@ def _grad_norm(params):
 
 
 class TrainStep:
-    """The optimizer step every training loop here shares — zero_grad, backward (scaled under fp16), step — and its
-    divergence guard. The guard reads nothing back from the device at a step (that would stall the CPU that queues
-    the GPU's work): it keeps on-device flags — a non-finite loss or gradient, the largest loss — and check(), every
-    `check_every` steps and before every checkpoint, raises a UserError when a value was non-finite, when the loss
-    went `explode`× past the run's first loss, or when a parameter or BatchNorm statistic of `modules` is non-finite.
-    A checkpoint written after a passed check therefore holds a good state; `checkpoint` names the last one."""
+    """zero_grad, backward (scaled under fp16), step — and the divergence guard. A step reads nothing back from the
+    device (that would stall the CPU queueing the GPU's work): it keeps on-device flags, and check(), every
+    `check_every` steps and before every checkpoint, raises a UserError when a loss or gradient was non-finite, the
+    loss went `explode`× past the first, or a weight of `modules` is non-finite: a checkpoint is always good."""
 
     def __init__(self, optimizer, modules, device, amp, advice, check_every=50, explode=1e3):
         self.optimizer, self.modules = optimizer, modules
@@ -1218,17 +1191,14 @@ def check_checkpoint(ck, path, kind=None):
 
 
 def load_checkpoint(path, kind=None):
-    """A checkpoint written by these scripts; `kind` (e.g. 'pretrain') is checked when given."""
     return check_checkpoint(torch_load(path), path, kind)
 
 
 def restart_from_checkpoint(path, kind, made_with, afresh_on_change=False, **objects):
-    """The one way every script resumes (DINO's restart_from_checkpoint, with this project's checks): the `kind`
-    checkpoint at `path` must have been made with the settings `made_with` (name → value, the fingerprint of the
-    network a run started from among them), else one line names the first that differs — or, with
-    `afresh_on_change`, a note says the run starts afresh and None is returned. Each of `objects` (name → a module,
-    optimizer or TrainStep, or a tensor) then takes the checkpoint's entry of that name when it has one. Returns the
-    checkpoint (epoch, history, ...)."""
+    """The one way every script resumes (as DINO's): the `kind` checkpoint at `path` must have been made with the
+    settings `made_with` (the fingerprint of the starting network among them), else one line names the first that
+    differs (with `afresh_on_change`: a note, and None). Each of `objects` (name → module, optimizer, TrainStep or
+    tensor) then loads the checkpoint's entry of that name. Returns the checkpoint."""
     ck = load_checkpoint(path, kind)
     for k, v in made_with.items():
         old = ck.get("made_with", {}).get(k)
