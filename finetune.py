@@ -3,22 +3,21 @@ r"""Semi-supervised fine-tuning with 1–100 % of the labels: paper Sec. 4.6, su
 The whole network is trained: backbone and DeepLab-v3 decoder start from an initialisation, and a fresh 1×1 classifier
 (256 → classes) replaces the embedding head. Cross-entropy (255 ignored) on a labelled fraction of the train split;
 every run is scored on the val split at each image's original size (one confusion matrix over the split, VOC mIoU).
-Several initialisations go into one table, as in Table 6: a pretrain.py checkpoint (backbone and decoder copied, both
-heads dropped), or a baseline — torchvision's ImageNet classifier ('imagenet', V1 as released), a torchvision or MoCo
-v2 state-dict file, or 'random' — with a random decoder.
+Several initialisations (--checkpoint) go into one table, as in Table 6: a pretrain.py checkpoint gives backbone and
+decoder (both heads dropped), a baseline only its backbone.
 
 Labelled subsets (--fraction F..., --splits S): split s has one seeded order of the train ids and its subset at
 fraction f is the first max(1, round(f·N)) of them, so the subsets of a split are nested (1 % ⊂ 2 % ⊂ … ⊂ 100 %);
 the S orders start with disjoint slices of one permutation, so the splits of a fraction share no image while
 f·N ≤ N // S. The id lists go to OUT/splits/<fraction>_<split>.txt, and a list already there is used as it is.
 
-Length: the paper does not say how long a run trains. Every run here trains --iters iterations of --batch-size images
-whatever the fraction: a fixed number of epochs would give a 1 % run 100× fewer updates and a 100× shorter poly
-schedule than a 100 % run, and the table would measure training length as much as labels.
+Length (the paper does not say): --iters iterations whatever the fraction. A fixed number of epochs would give a 1 %
+run 100× fewer updates and a 100× shorter poly schedule than a 100 % run: the table would measure training
+length as much as labels.
 
-Recipe (supp. F): batch 8, SGD momentum 0.9, weight decay 1e-4, poly decay per iteration. Baselines: lr 0.004 at every
-fraction. A MaskContrast init: lr 0.004 at ≥ 5 %; at 1–2 % (≤ --low-fraction) lr 0.001 for backbone and decoder, 0.1
-for the new classifier, BatchNorm statistics frozen (the layers in eval mode; their affine weights still train).
+Recipe (supp. F): batch 8, SGD momentum 0.9, weight decay 1e-4, poly decay per iteration, lr 0.004; a MaskContrast
+init at 1–2 % (≤ --low-fraction): lr 0.001 for backbone and decoder, 0.1 for the new classifier, BatchNorm statistics
+frozen (the layers in eval mode; their affine weights still train).
 
 Commands
   python finetune.py --data-root VOC --checkpoint runs/pretrain/checkpoint.pth imagenet random \
@@ -30,7 +29,6 @@ Outputs in --out: <name>/<fraction>_<split>/{checkpoint.pth, result.json}, split
 mean ± std per fraction), finetune_<fraction>.png (Fig. 5: image | ground truth | one prediction per initialisation).
 """
 import argparse
-import dataclasses
 import json
 import math
 import time
@@ -52,22 +50,6 @@ import common
 # Labelled subsets
 # ======================================================================================================================
 
-def n_labeled(fraction, n):
-    return max(1, min(n, int(math.floor(fraction * n + 0.5))))
-
-
-def split_orders(ids, n_splits, seed):
-    """One order of `ids` per split: first its own interleaved slice of a seeded permutation (disjoint from the other
-    splits' slices), then the remaining ids in a per-split seeded order. Prefixes of one order are nested."""
-    perm = np.random.default_rng(seed).permutation(len(ids))
-    orders = []
-    for s in range(n_splits):
-        own = perm[s::n_splits]
-        rest = np.random.default_rng([seed, s]).permutation(np.setdiff1d(perm, own))
-        orders.append([ids[i] for i in np.concatenate([own, rest])])
-    return orders
-
-
 def fraction_tag(fraction, split):
     return f"{fraction:g}_{split}"
 
@@ -75,10 +57,16 @@ def fraction_tag(fraction, split):
 def labeled_subsets(train_ids, fractions, n_splits, seed, folder, write=True):
     """{(fraction, split): [ids]}, read from folder/<fraction>_<split>.txt when it exists, else drawn and written."""
     folder = Path(folder)
-    orders = split_orders(train_ids, n_splits, seed)
+    perm = np.random.default_rng(seed).permutation(len(train_ids))
+    orders = []
+    for s in range(n_splits):
+        own = perm[s::n_splits]  # disjoint across splits
+        rest = np.random.default_rng([seed, s]).permutation(np.setdiff1d(perm, own))
+        orders.append([train_ids[i] for i in np.concatenate([own, rest])])
     known = set(train_ids)
     subsets = {}
     for f in fractions:
+        n = max(1, math.floor(f * len(train_ids) + 0.5))  # rounded half up, never empty
         for s in range(n_splits):
             path = folder / f"{fraction_tag(f, s)}.txt"
             if path.exists():
@@ -91,7 +79,7 @@ def labeled_subsets(train_ids, fractions, n_splits, seed, folder, write=True):
                 if len(set(ids)) != len(ids):
                     raise common.UserError(f"{path}: lists an id twice; delete it to draw a new subset")
             else:
-                ids = orders[s][:n_labeled(f, len(train_ids))]
+                ids = orders[s][:n]
                 if write:
                     common.write_text(path, "\n".join(ids) + "\n")
             subsets[(f, s)] = ids
@@ -159,8 +147,7 @@ class Recipe:
 
 
 def recipe(init, fraction, lr, low_lr, low_head_lr, low_fraction, low_data_recipe):
-    """The paper's recipe for one (initialisation, fraction): MaskContrast inits (or all / none, by
-    `low_data_recipe`) get the low-data recipe at fractions up to `low_fraction`."""
+    """Recipe of one (init, fraction): the low-data one up to `low_fraction` for the inits `low_data_recipe` names."""
     low = fraction <= low_fraction + 1e-9 and (
         low_data_recipe == "all" or (low_data_recipe == "maskcontrast" and init.kind == "maskcontrast"))
     return Recipe(low_lr, low_head_lr, True) if low else Recipe(lr, lr, False)
@@ -176,8 +163,7 @@ def param_groups(model, lr, head_lr):
 
 
 def train_mode(model, freeze_bn):
-    """Training mode; with freeze_bn, every BatchNorm layer back in eval mode so its running statistics are used
-    as they are and never updated (its affine weight and bias still receive gradients)."""
+    """Training mode; with freeze_bn, every BatchNorm layer in eval mode: its running statistics used, never updated."""
     model.train()
     if freeze_bn:
         for m in model.modules():
@@ -204,26 +190,25 @@ class RunConfig:
     workers: int
     amp: str
     seed: int
-    output_stride: int = 8
-    resize: str = "bicubic"
-    resume: bool = False
-    val_samples: list = None
-    n_classes: int = 21
+    output_stride: int
+    resize: str
+    resume: bool
+    val_samples: list
+    n_classes: int
 
 
 def finetune_run(init, rec, cfg, world, split, train_samples, run_dir, n_figures=0):
-    """Train one initialisation on `train_samples` (the labelled subset of `split`) for cfg.iters iterations and
-    score it on cfg.val_samples. Checkpointed every cfg.save_every iterations and resumed exactly (data order,
-    augmentation and dropout depend only on the seed and the iteration). Returns the result dict, written to
-    run_dir/result.json."""
-    device, val_samples, n_classes, resume = world.device, cfg.val_samples, cfg.n_classes, cfg.resume
+    """Train one initialisation on `train_samples` (the labelled subset of `split`) and score it on cfg.val_samples;
+    resumed exactly (data order, augmentation and dropout depend only on the seed and the iteration). Returns the
+    result, also in run_dir/result.json."""
+    device = world.device
     tag = f"{init.name} {run_dir.name.replace('_', ' split ')}"
     # ========================================================================================================= model
     common.seed_all(cfg.seed, split)  # the same seed for every init and fraction of a split: paired comparisons
-    model, report = build_model(init, cfg.arch, n_classes, cfg.output_stride)
+    model, report = build_model(init, cfg.arch, cfg.n_classes, cfg.output_stride)
     init_weights = common.fingerprint(model.state_dict())  # the network this run starts from, fresh classifier too
     done = run_dir / "result.json"
-    if resume and done.exists():  # finished earlier: its score stands only for the same starting network
+    if cfg.resume and done.exists():  # finished earlier: its score stands only for the same starting network
         result = json.loads(done.read_text())
         if result.get("init_weights") != init_weights:
             raise common.UserError(f"{done}: was fine-tuned from network {result.get('init_weights')}, but "
@@ -235,7 +220,7 @@ def finetune_run(init, rec, cfg, world, split, train_samples, run_dir, n_figures
     if world.size > 1:
         if device.type == "cuda" and not rec.freeze_bn:
             # batch 8 over several GPUs leaves too few images per GPU for per-process BatchNorm statistics
-            model = ddp_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     # ===================================================================================================== optimizer
     optimizer = torch.optim.SGD(param_groups(model, rec.lr, rec.head_lr), lr=rec.lr, momentum=cfg.momentum,
@@ -246,7 +231,7 @@ def finetune_run(init, rec, cfg, world, split, train_samples, run_dir, n_figures
     # ======================================================================================================== resume
     ck_path, start = run_dir / "checkpoint.pth", 0
     made_with = {"init_weights": init_weights, "iters": cfg.iters}
-    if resume and ck_path.exists():  # (a finished run's checkpoint keeps the weights alone: no optimizer to restore)
+    if cfg.resume and ck_path.exists():  # a finished run's checkpoint keeps the weights alone: no optimizer to restore
         ck = common.restart_from_checkpoint(ck_path, "finetune", made_with, model=model, optimizer=optimizer,
                                             train_step=step)
         start, step.checkpoint = ck["step"], ck_path
@@ -293,8 +278,8 @@ def finetune_run(init, rec, cfg, world, split, train_samples, run_dir, n_figures
                                made_with=made_with, args={"arch": cfg.arch})
     model.eval()
     reader = common.Reader(cfg.size, cfg.resize, per_rank, cfg.workers, device, "none")  # scored in fp32, as the LC
-    ev = common.evaluate_segmentation(partial(model.layer_features, layer="head"), val_samples, n_classes, reader,
-                                      world, keep=n_figures if world.is_main else 0)
+    ev = common.evaluate_segmentation(partial(model.layer_features, layer="head"), cfg.val_samples, cfg.n_classes,
+                                      reader, world, keep=n_figures if world.is_main else 0)
     miou, iou = common.miou_from_confusion(ev["conf"])
     result = dict(init=init.name, init_spec=init.spec, init_weights=init_weights, n_labeled=len(train_samples),
                   iters=cfg.iters, output_stride=cfg.output_stride, **vars(rec),
@@ -316,19 +301,13 @@ def finetune_run(init, rec, cfg, world, split, train_samples, run_dir, n_figures
 # Table and figure
 # ======================================================================================================================
 
-def summarise(per_run):
-    """mean ± sample std (ddof 1; 0 for a single split) of the runs' mIoU."""
-    v = np.array(per_run, dtype=float)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-
-
 def save_figure(inits, samples, out, fraction, tile=160):
     """Fig. 5: one row per val image, image | ground truth | one prediction per initialisation."""
-    tiles, names = [], [i.name for i in inits]
+    tiles = []
     for s in samples:
         row = [common.read_image(s.image), common.colorize(common.read_label(s.label))]
-        for name in names:
-            p = out / name / fraction_tag(fraction, 0) / "pred" / f"{s.id}.png"
+        for init in inits:
+            p = out / init.name / fraction_tag(fraction, 0) / "pred" / f"{s.id}.png"
             if not p.exists():
                 return None  # that run kept no predictions (e.g. split 0 of this fraction was not run)
             row.append(common.colorize(common.read_label(p)))
@@ -336,7 +315,7 @@ def save_figure(inits, samples, out, fraction, tile=160):
     if not tiles:  # --n-figures 0
         return None
     path = out / f"finetune_{fraction:g}.png"
-    common.save_grid(tiles, path, ncol=2 + len(names), size=tile)
+    common.save_grid(tiles, path, ncol=2 + len(inits), size=tile)
     return path
 
 
@@ -361,16 +340,12 @@ def get_args(argv=None):
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=pos, default=30000, help="iterations per run, equal for every fraction")
     g.add_argument("--batch-size", type=pos, default=8, help="global batch (split over torchrun processes)")
-    g.add_argument("--lr", type=common.positive_float, default=0.004, help="lr of every run outside the low-data "
-                   "recipe")
-    g.add_argument("--low-lr", type=common.positive_float, default=0.001, help="low-data recipe: backbone and "
-                   "decoder lr")
-    g.add_argument("--low-head-lr", type=common.positive_float, default=0.1, help="low-data recipe: lr of the new "
-                   "classifier")
+    g.add_argument("--lr", type=common.positive_float, default=0.004, help="lr outside the low-data recipe")
+    g.add_argument("--low-lr", type=common.positive_float, default=0.001, help="low-data recipe: backbone, decoder lr")
+    g.add_argument("--low-head-lr", type=common.positive_float, default=0.1, help="low-data recipe: classifier lr")
     g.add_argument("--low-fraction", type=float, default=0.02, help="fractions up to this use the low-data recipe")
     g.add_argument("--low-data-recipe", default="maskcontrast", choices=["maskcontrast", "all", "none"],
-                   help="which inits get the low-data recipe (lrs above + frozen BatchNorm statistics); paper: "
-                   "MaskContrast only")
+                   help="inits with the low-data recipe (lrs above, frozen BatchNorm statistics); paper: MaskContrast")
     g.add_argument("--momentum", type=common.probability, default=0.9, help="SGD momentum")
     g.add_argument("--wd", type=common.nonnegative_float, default=1e-4)
     g = p.add_argument_group("output")
@@ -382,9 +357,8 @@ def get_args(argv=None):
                    help="keep each finished run's weights (ResNet-50: ~160 MB a run)")
     g.add_argument("--n-figures", type=common.nonnegative_int, default=6, help="val images in the Fig. 5 grid")
     common.add_runtime_args(p)
+    p.set_defaults(arch="resnet50")
     args = p.parse_args(argv)
-    if args.arch is None:
-        args.arch = "resnet50"
     if any(not 0 < f <= 1 for f in args.fraction):
         p.error(f"--fraction {args.fraction}: each must be in (0, 1]")
     args.fraction = sorted(set(args.fraction))
@@ -402,10 +376,7 @@ def main(argv=None):
     inits = resolve_inits(args.checkpoint, args.names, args.arch)  # before anything is written: a bad one stops here
     out = Path(args.out)
     splits_dir = Path(args.splits_dir) if args.splits_dir else out / "splits"
-    if world.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    cfg = RunConfig(args.arch, args.size, args.iters, args.batch_size, args.momentum, args.wd, args.save_every,
-                    args.keep_checkpoints, args.workers, args.amp, args.seed, args.output_stride, args.resize)
+    torch.backends.cudnn.benchmark = world.device.type == "cuda"
 
     # =========================================================================================================== data
     train_split = common.train_split(args.data_root, args.train_split)
@@ -420,12 +391,14 @@ def main(argv=None):
     common.prepare_out(out, args.resume, ["results.json", "*/*/result.json", "*/*/checkpoint.pth"],
                        is_main=world.is_main)  # before any work
     train_ids = [s.id for s in train_samples]
-    index = {s.id: i for i, s in enumerate(train_samples)}
+    by_id = {s.id: s for s in train_samples}
     subsets = labeled_subsets(train_ids, args.fraction, args.splits, args.split_seed, splits_dir, write=world.is_main)
     if dist.is_initialized():
         dist.barrier()  # every process trains on the lists rank 0 read or wrote
         subsets = labeled_subsets(train_ids, args.fraction, args.splits, args.split_seed, splits_dir, write=False)
-    cfg = dataclasses.replace(cfg, resume=args.resume, val_samples=val_samples, n_classes=n_classes)
+    cfg = RunConfig(args.arch, args.size, args.iters, args.batch_size, args.momentum, args.wd, args.save_every,
+                    args.keep_checkpoints, args.workers, args.amp, args.seed, args.output_stride, args.resize,
+                    args.resume, val_samples, n_classes)
     common.print0(f"{len(train_samples)} {train_split} / {len(val_samples)} {args.val_split} images, {n_classes} "
                   "classes; subsets: " + ", ".join(f"{f:g} → {len(subsets[(f, 0)])}" for f in args.fraction)
                   + f" (lists in {splits_dir})")
@@ -437,7 +410,7 @@ def main(argv=None):
             rec = recipe(init, f, args.lr, args.low_lr, args.low_head_lr, args.low_fraction, args.low_data_recipe)
             for s in range(args.splits):
                 run_dir = out / init.name / fraction_tag(f, s)
-                subset = [train_samples[index[i]] for i in subsets[(f, s)]]
+                subset = [by_id[i] for i in subsets[(f, s)]]
                 figures = args.n_figures if f == args.fraction[0] and s == 0 else 0
                 results[(init.name, f, s)] = finetune_run(init, rec, cfg, world, s, subset, run_dir, figures)
 
@@ -448,11 +421,10 @@ def main(argv=None):
         table[init.name] = {}
         row = [init.name]
         for f in args.fraction:
-            per = [results[(init.name, f, s)]["miou"] for s in range(args.splits)]
-            mean, std = summarise(per)
-            table[init.name][f"{f:g}"] = dict(miou=per, mean=mean, std=std,
-                                              n_labeled=[results[(init.name, f, s)]["n_labeled"]
-                                                         for s in range(args.splits)])
+            runs = [results[(init.name, f, s)] for s in range(args.splits)]
+            per = [r["miou"] for r in runs]
+            mean, std = float(np.mean(per)), float(np.std(per, ddof=1)) if len(per) > 1 else 0.0  # sample std
+            table[init.name][f"{f:g}"] = dict(miou=per, mean=mean, std=std, n_labeled=[r["n_labeled"] for r in runs])
             row.append(f"{mean:.1f} ± {std:.1f}")
         rows.append(row)
     if world.is_main:

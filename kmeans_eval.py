@@ -1,26 +1,22 @@
 r"""Clustering evaluation: paper Sec. 4.1-II ("K-Means") and supp. E; Tables 3b and 4; Fig. 4 (retrieval).
 
-No label touches the model. Every val image gets one object prototype from its embeddings over the pixels its
-saliency head calls foreground; K-Means groups the prototypes; each image's foreground is painted with its cluster and
-everything else is background. The clusters are then matched to classes over the whole split — one-to-one (Hungarian
-on IoU, scipy's linear_sum_assignment) with as many clusters as classes, many-to-one by majority vote when
-overclustering (Table 4) — and scored with mIoU at each image's original size: five K-Means seeds, mean ± std.
-As released (the README's table lists every difference): the prototype is the 32-d head output weighted by the raw
-saliency logit where it is above 0.5, summed, L2-normalised; PCA whitening to 32 dimensions first; --clusters 21 on
-VOC = 20 K-Means clusters + background; an image without foreground keeps a zero prototype in PCA and K-Means; the
-mean IoU is over all classes, an absent one counting 0; images resized to 512² bicubic, the foreground thresholded
-there and resized nearest to each label, all in fp32. --cluster pixels clusters every pixel's features instead
-(background included): the paper's protocol for the ImageNet and MoCo baselines.
+No label touches the model. Each val image gets one object prototype, its embeddings pooled over the pixels its
+saliency head calls foreground; K-Means groups the prototypes and paints each foreground with its cluster, the rest
+background. The clusters are matched to classes over the whole split (Hungarian on IoU with as many clusters as
+classes, majority vote when overclustering: Table 4) and scored by mIoU at each image's original size (5 seeds).
+As released (the README's table lists every difference, each flag's help its released value): the prototype is the
+32-d head output weighted by the raw saliency logit where it is above 0.5, summed, L2-normalised, PCA-whitened to 32
+dims; --clusters 21 on VOC = 20 K-Means clusters + background; 512² bicubic inputs; fp32. --cluster pixels clusters
+every pixel's features instead: the paper's protocol for the ImageNet and MoCo baselines.
 
-Retrieval (--retrieval-split, released: train): the prototypes of a labelled split, each labelled with the majority
-class inside its foreground; every val image takes its nearest (cosine) train prototype's class on its foreground. On
-VOC also the released 7-class variant (aeroplane, bottle, bus, car, cat, cow, person).
+Retrieval (--retrieval-split): each val image takes, on its foreground, the class of its nearest (cosine) prototype
+of a labelled split, labelled with its foreground's majority class; on VOC also the released 7-class variant
+(aeroplane, bottle, bus, car, cat, cow, person).
 
 Commands
   python kmeans_eval.py --data-root VOC --checkpoint runs/pretrain/checkpoint.pth                  # Table 3b, Fig. 4
   python kmeans_eval.py --data-root VOC --checkpoint runs/pretrain/checkpoint.pth --clusters 21 50 100 200 500  # T. 4
-  python kmeans_eval.py --data-root VOC --checkpoint random --features backbone   # random weights, the mined masks
-                                                                                  # as foreground (no saliency head)
+  python kmeans_eval.py --data-root VOC --checkpoint random --features backbone  # random weights + the mined masks
   # Table 3b's baselines as the paper ran them (supp. E): every pixel's backbone features, output stride 16
   python kmeans_eval.py --data-root VOC --checkpoint imagenet --features backbone --output-stride 16 --cluster pixels
 Outputs in --out (default: next to the checkpoint): kmeans_eval.json (mIoU per seed, mean ± std, per-class IoU per
@@ -47,24 +43,6 @@ RETRIEVAL_7 = ("aeroplane", "bottle", "bus", "car", "cat", "cow", "person")
 
 
 # ======================================================================================================================
-# Matching clusters to classes
-# ======================================================================================================================
-
-def match_from_confusion(conf):
-    """conf: (n_clusters, n_classes) pixel counts. Returns a LongTensor cluster → class: Hungarian on IoU (one-to-one)
-    when n_clusters <= n_classes, else each cluster's majority class (many-to-one)."""
-    conf = conf.double()
-    n_clusters, n_classes = conf.shape
-    if n_clusters <= n_classes:
-        iou = conf / (conf.sum(1, keepdim=True) + conf.sum(0, keepdim=True) - conf).clamp(min=1)
-        rows, cols = linear_sum_assignment(iou.numpy(), maximize=True)
-        mapping = torch.zeros(n_clusters, dtype=torch.long)
-        mapping[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
-        return mapping
-    return conf.argmax(1)
-
-
-# ======================================================================================================================
 # PCA and K-Means in torch (on the GPU when there is one)
 # ======================================================================================================================
 
@@ -78,7 +56,6 @@ def pca_fit(x, dim):
 
 
 def pca_whiten(x, dim):
-    """The rows of x PCA-whitened to `dim` dimensions."""
     mean, w = pca_fit(x, dim)
     return (x - mean) @ w
 
@@ -164,10 +141,8 @@ class Clustering:
 
 @dataclass
 class Objects:
-    """What an object is for the prototypes: the saliency head's foreground (logit > `threshold`) or a mask's, one
-    object per image ('image', the paper's) or per connected component ('components', under the area rule
-    `min_area`); brought to each label's size `resize`d: thresholded then nearest (released) or, one per image,
-    as logits resized bilinearly then thresholded."""
+    """What an object is: the head's foreground (logit > `threshold`) or a mask's, one per image ('image', the paper's)
+    or per connected component ('components', area rule `min_area`); `resize` to the label: as --fg-resize."""
     threshold: float = 0.5
     mode: str = "image"
     min_area: float = 0.01
@@ -176,14 +151,10 @@ class Objects:
 
 @torch.no_grad()
 def extract_prototypes(model, samples, reader, features, objects, n_classes, keep=0):
-    """Object prototypes and, for scoring without re-reading anything, histograms of the ground-truth classes inside
-    each object and outside all objects of its image. The foreground is the saliency head's (the prototype weighted by
-    the logit, as released) or, when the samples carry mask paths, the mask's (a plain mean); `objects` says what an
-    object is: per image (the paper's; a zero prototype where there is no foreground) or per connected component, so
-    that an image can hold objects of several classes. Returns {protos P×D, has_fg (P,), image (P,), fg_hist P×C,
-    bg_hist N×C, shown: the first `keep` (index, label, object map: 0 background, p + 1 for prototype p),
-    img_per_s}."""
-    threshold, fg_resize = objects.threshold, objects.resize
+    """Object prototypes (weighted by the head's logit, as released, or with mask paths a plain mean) and, to score
+    without re-reading anything, histograms of the true classes in each object and outside its image's objects.
+    Returns {protos P×D, has_fg (P,), image (P,), fg_hist P×C, bg_hist N×C, img_per_s, shown: the first `keep`
+    (index, label, object map: 0 background, p + 1 for prototype p)}."""
     device = reader.device
     loader = DataLoader(ProtoDataset(samples, common.eval_transform(reader.size, reader.resize)),
                         batch_size=reader.batch_size, num_workers=reader.workers, collate_fn=collate,
@@ -199,7 +170,7 @@ def extract_prototypes(model, samples, reader, features, objects, n_classes, kee
                 emb, logit = model.layer_features(x, features), None  # emb: N×D×h×w at stride 8
         emb = emb.float()
         for j, y in enumerate(ys):
-            fg = ms[j] if ms[j] is not None else logit[j].float() > threshold  # at the label's / input size
+            fg = ms[j] if ms[j] is not None else logit[j].float() > objects.threshold  # at the label's / input size
             obj = fg.long() if objects.mode == "image" else \
                 torch.from_numpy(common.components(fg.cpu(), objects.min_area)).long()
             obj = obj.to(device)                                               # obj: 0 background, 1…M objects
@@ -211,9 +182,9 @@ def extract_prototypes(model, samples, reader, features, objects, n_classes, kee
                 at_label = obj.cpu()
             else:  # the released weighting: the logit where foreground
                 w = [logit[j].float().clamp(min=0) * mk for mk in masks]
-                if objects.mode == "image" and fg_resize == "bilinear":
+                if objects.mode == "image" and objects.resize == "bilinear":
                     at_label = (F.interpolate(logit[j][None, None].float(), size=y.shape, mode="bilinear",
-                                              align_corners=False)[0, 0] > threshold).long().cpu()
+                                              align_corners=False)[0, 0] > objects.threshold).long().cpu()
                 else:  # thresholded at the input size, then resized (OpenCV's INTER_NEAREST)
                     at_label = F.interpolate(obj[None, None].float(), size=y.shape, mode="nearest")[0, 0].long().cpu()
             w = torch.stack(w) if w else emb.new_zeros(0, *emb.shape[-2:])  # w: M×h×w
@@ -229,22 +200,35 @@ def extract_prototypes(model, samples, reader, features, objects, n_classes, kee
             if len(shown) < keep:
                 shown.append((int(idx[j]), y, torch.where(at_label > 0, at_label + n_protos, 0)))
             n_protos += M
-    C, protos = n_classes, torch.cat(protos)
+    protos = torch.cat(protos)
     if not protos.isfinite().all():
         raise common.UserError(f"the network's {features} features are not finite on "
                                f"{int((~protos.isfinite().all(1)).sum())} images (diverged weights?)")
     return {"protos": protos, "has_fg": torch.cat(has_fg), "image": torch.cat(image),
-            "fg_hist": torch.stack(fg_hist) if fg_hist else torch.zeros(0, C, dtype=torch.long),
+            "fg_hist": torch.stack(fg_hist) if fg_hist else torch.zeros(0, n_classes, dtype=torch.long),
             "bg_hist": torch.stack(bg_hist), "shown": shown, "img_per_s": len(samples) / (time.time() - t0)}
 
 
 # ======================================================================================================================
-# Scoring
+# Matching clusters to classes, scoring
 # ======================================================================================================================
 
+def match_from_confusion(conf):
+    """conf: (n_clusters, n_classes) pixel counts. Returns a LongTensor cluster → class: Hungarian on IoU (one-to-one)
+    when n_clusters <= n_classes, else each cluster's majority class (many-to-one)."""
+    conf = conf.double()
+    n_clusters, n_classes = conf.shape
+    if n_clusters <= n_classes:
+        iou = conf / (conf.sum(1, keepdim=True) + conf.sum(0, keepdim=True) - conf).clamp(min=1)
+        rows, cols = linear_sum_assignment(iou.numpy(), maximize=True)
+        mapping = torch.zeros(n_clusters, dtype=torch.long)
+        mapping[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
+        return mapping
+    return conf.argmax(1)
+
+
 def cluster_confusion(ids, fg_hist, bg_hist, n_ids):
-    """(n_ids, C) pixel counts of prediction id vs ground-truth class: every image's background pixels go to id 0, its
-    foreground pixels to its own id."""
+    """(n_ids, C) pixel counts, prediction id × true class: background pixels to id 0, an object's to its id."""
     conf = torch.zeros(n_ids, fg_hist.shape[1], dtype=torch.long)
     conf[0] += bg_hist.sum(0)
     return conf.index_add_(0, ids, fg_hist)
@@ -259,9 +243,8 @@ def score(conf_ids, mapping, n_classes, absent="skip"):
 
 
 def run_clustering(x, clustered, q, n_total, kc, n_classes):
-    """K-Means with n_total − 1 clusters on the rows of x, the prototypes `clustered` of q (extract_prototypes),
-    once per seed of `kc`; an object is painted with its cluster + 1, an image's pixels outside its objects (and the
-    objects without foreground) are background (id 0)."""
+    """K-Means with n_total − 1 clusters on x (q's prototypes `clustered`), once per seed; an object is painted with
+    its cluster + 1, the rest (and an object without foreground) with 0."""
     out = []
     for s in kc.seeds:
         assign = kmeans(x, n_total - 1, s, kc.restarts, kc.iters)[0].cpu()
@@ -288,12 +271,10 @@ def pixel_features(model, samples, reader, features):
 
 
 def pixel_kmeans(model, samples, reader, features, clusters, kc, n_classes, keep=0):
-    """The paper's K-Means of the backbone baselines (supp. E): K-Means on per-pixel features — fitted on
-    kc.fit_pixels random pixels of each image, PCA-whitened like the prototypes — then every pixel of every image
-    assigned to its nearest centre, the assignment map upsampled (nearest) to the label's size, and the clusters
-    matched to all classes, background included (Hungarian; majority vote when overclustering). Two passes over the
-    images, so that no feature map is kept. Returns {n_total: [per seed {seed, miou, iou, mapping}]} and the first
-    `keep` (index, label, prediction) of the first setting's first seed."""
+    """The paper's K-Means of the backbone baselines (supp. E): fitted on kc.fit_pixels random pixels of each image,
+    every pixel assigned (upsampled nearest), the clusters matched to all classes, background included. Two passes,
+    so that no feature map is kept. Returns {n_total: [per seed {seed, miou, iou, mapping}]}, the first `keep`
+    (index, label, prediction) of the first setting's first seed, and the number of pixels fitted."""
     gen = torch.Generator().manual_seed(kc.seeds[0])
     fit = []
     for f, _, _ in pixel_features(model, samples, reader, features):  # pass 1: the pixels K-Means is fitted on
@@ -364,36 +345,20 @@ def retrieval(bank, query, n_classes, classes=None, absent="skip"):
 # Pictures
 # ======================================================================================================================
 
-def save_cluster_figure(samples, shown, path, tile=160):
-    """One row per image: image | ground truth | clusters painted with their matched classes; `shown` holds
-    (index, label, prediction)."""
-    tiles = []
-    for i, y, pred in shown:
-        tiles += [common.read_image(samples[i].image), common.colorize(y), common.colorize(pred)]
-    if tiles:
-        common.save_grid(tiles, path, ncol=3, size=tile)
-
-
 def save_retrieval_figure(query_samples, bank_samples, query, bank, neighbours, path, n, tile=128):
     """One row per val query object: its image, then the images of its top-5 train neighbours."""
-    tiles, rows = [], 0
-    for p in range(len(query["protos"])):
-        if rows == n:
-            break
-        if not query["has_fg"][p]:
-            continue
+    tiles = []
+    for p in query["has_fg"].nonzero()[:, 0][:n].tolist():
         row = [common.read_image(query_samples[int(query["image"][p])].image)] + [
             common.read_image(bank_samples[int(bank["image"][j])].image) for j in neighbours[p]]
         tiles += row + [torch.full_like(row[0], 255)] * (6 - len(row))
-        rows += 1
     if tiles:
         common.save_grid(tiles, path, ncol=6, size=tile)
 
 
 def summarise_runs(results, runs, clusters, n_classes, names, n_points):
-    """Fill results["clusters"] with each setting's mIoU per seed, mean ± std and per-class IoU; a setting that did
-    not run is marked skipped; overclustering with few points a cluster (`n_points`, the prototypes) carries a
-    warning. Returns the printed table's rows."""
+    """Fill results["clusters"] with each setting's mIoU per seed, mean ± std, per-class IoU, and a warning where
+    there are few prototypes (`n_points`) a cluster. Returns the table's rows."""
     rows = []
     for n_total in clusters:
         key = str(n_total)
@@ -422,18 +387,24 @@ def summarise_runs(results, runs, clusters, n_classes, names, n_points):
 
 
 def finish(results, rows, val, shown, out, line):
-    """The outputs: kmeans_val.png (the `shown` images' clusters), kmeans_eval.json, the table and a last line."""
+    """The outputs: kmeans_val.png (image | ground truth | matched clusters per `shown` (index, label, prediction)),
+    kmeans_eval.json, the table and a last line."""
     if shown:
-        save_cluster_figure(val, shown, out / "kmeans_val.png")
+        tiles = []
+        for i, y, pred in shown:
+            tiles += [common.read_image(val[i].image), common.colorize(y), common.colorize(pred)]
+        common.save_grid(tiles, out / "kmeans_val.png", ncol=3, size=160)
     common.write_json(out / "kmeans_eval.json", results)
     common.print_table(rows, ["protocol", "matching", "mIoU %", "std"])
     print(f"{line} → {out / 'kmeans_eval.json'}")
     return results
 
 
-def use_masks(samples, d, root):
-    """Point the samples (of data root `root`) at their masks in folder d (mine_masks.py's): a mask missing is an
-    error unless mine_masks.py dropped the image (no foreground). Returns what the foreground comes from."""
+def use_masks(samples, args):
+    """Point the samples at their masks (mine_masks.py's, --saliency in --mask-root): a mask missing is an error unless
+    mine_masks.py dropped the image (no foreground). Returns what the foreground comes from."""
+    root = args.data_root
+    d = common.saliency_dir(root, args.saliency, args.mask_root)
     if not d.is_dir():
         raise common.UserError(f"{d}: no masks (this model takes its foreground from masks); run `python "
                                f"mine_masks.py --data-root {root}` first, or pass --saliency/--mask-root")
@@ -472,23 +443,19 @@ def get_args(argv=None):
     g.add_argument("--logit-threshold", type=common.real_number, default=0.5, help="foreground = the saliency head's "
                    "logit (not a probability) above this (released: 0.5, i.e. probability 0.62)")
     g.add_argument("--objects", default="image", choices=["image", "components"], help="image: one prototype per "
-                   "image over its foreground (the paper's); components: one per connected component of it, so an "
-                   "image can hold objects of several classes")
+                   "image over its foreground (the paper's); components: one per connected component (several classes)")
     g.add_argument("--min-area", type=common.probability, default=0.01, help="--objects components: a component "
                    "whose filled area is under this share of the image is background (the release's area rule)")
     g.add_argument("--fg-resize", default="nearest", choices=["nearest", "bilinear"], help="the head's foreground "
-                   "at each label's size: thresholded at --size² then resized nearest (released), or the logits "
-                   "resized bilinearly then thresholded")
+                   "at the label's size: thresholded at --size² then nearest (released), or the logits bilinear first")
     g.add_argument("--batch-size", type=pos, default=16)
     g = p.add_argument_group("clustering")
     g.add_argument("--cluster", default="objects", choices=["objects", "pixels"], help="objects: one prototype per "
-                   "image over its foreground (MaskContrast's protocol); pixels: every pixel's features, background "
-                   "included (the paper's protocol for the backbone baselines, supp. E)")
+                   "image (MaskContrast's); pixels: every pixel's features, background too (the baselines', supp. E)")
     g.add_argument("--fit-pixels", type=pos, default=100, help="--cluster pixels: random pixels per image that K-Means "
                    "is fitted on (every pixel is then assigned)")
     g.add_argument("--clusters", type=pos, nargs="+", default=None, help="clusters incl. the background one; "
-                   "default = number of classes (Hungarian); more = overclustering (majority vote), e.g. 21 50 100 "
-                   "200 500")
+                   "default = number of classes (Hungarian); more = overclustering (majority vote), e.g. 21 50 500")
     g.add_argument("--n-seeds", type=pos, default=5, help="K-Means runs with seeds --seed, --seed+1, ...")
     g.add_argument("--restarts", type=pos, default=10, help="k-means++ restarts per run; the lowest inertia wins")
     g.add_argument("--iters", type=pos, default=300, help="Lloyd iterations at most")
@@ -497,8 +464,7 @@ def get_args(argv=None):
     g.add_argument("--empty-prototypes", default="keep", choices=["keep", "drop"], help="an image without foreground: "
                    "its zero prototype takes part in PCA and K-Means (keep, released) or not (drop)")
     g.add_argument("--absent-classes", default="zero", choices=["zero", "skip"], help="a class absent from prediction "
-                   "and ground truth counts 0 in the mean (released) or is left out (VOC convention); on VOC val "
-                   "every class occurs")
+                   "and ground truth counts 0 in the mean (released) or is left out (VOC convention; VOC val has all)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="output folder (default: CHECKPOINT_DIR/kmeans_<features>, or "
                    "runs/kmeans_<features>_<arch>_<baseline>)")
@@ -518,8 +484,7 @@ def main(argv=None):
         raise common.UserError("kmeans_eval.py runs as one process (it batches its work instead); start it with "
                                "python, not torchrun")
     device = common.setup_world(args.device).device
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     what = f"kmeans_{args.features}" + ("_pixels" if args.cluster == "pixels" else "")
     out = Path(args.out or common.default_eval_out(args.checkpoint, args.arch, what))
 
@@ -554,8 +519,7 @@ def main(argv=None):
                                    f"--features {args.features}; use --foreground masks (written by mine_masks.py)")
         fg_from = f"saliency head (logit > {args.logit_threshold}, {args.fg_resize} to the label)"
         if args.foreground == "masks" or not head:  # the foreground from the masks mine_masks.py wrote
-            d = common.saliency_dir(args.data_root, args.saliency, args.mask_root)
-            fg_from = use_masks(val + bank_samples, d, args.data_root)
+            fg_from = use_masks(val + bank_samples, args)
     print(f"{desc} (network {weights}); {args.features} features; foreground: {fg_from}; {len(val)} "
           f"{args.val_split} images, {n_classes} classes; device {device}")
     if args.cluster == "pixels":
@@ -607,13 +571,13 @@ def main(argv=None):
 
     # ====================================================================================================== retrieval
     if b is not None:
-        variants = {"all": None}
+        variants = [None]
         if n_classes == len(common.VOC_CLASSES):
-            variants["7"] = [common.VOC_CLASSES.index(c) for c in RETRIEVAL_7]
+            variants.append([common.VOC_CLASSES.index(c) for c in RETRIEVAL_7])
         results["retrieval"] = {"split": retrieval_split}
-        for classes in variants.values():
+        for classes in variants:
             r = retrieval(b, q, n_classes, classes, args.absent_classes)
-            label = f"{n_classes} classes" if classes is None else f"{len(classes)} classes"
+            label = f"{n_classes if classes is None else len(classes)} classes"
             results["retrieval"][label] = {"miou": r["miou"], "bank_size": r["bank"],
                                            "per_class_iou": dict(zip(names, r["iou"].tolist()))}
             rows.append((f"retrieval {label}", f"top-1 of {r['bank']}", r["miou"], "-"))

@@ -1,12 +1,11 @@
 r"""The linear classifier on frozen features: paper Sec. 4.1-I ("linear classifier") and supp. D; Tables 1, 3a, 5.
 
 A pretrained network is frozen whole (weights, BatchNorm statistics, eval mode so dropout is off). A fresh 1×1 conv
-from its 256-d decoder output to the dataset's classes is the only thing trained: cross-entropy (255 ignored) on the
-logits upsampled to the 512×512 crop, SGD, flip + scale/rotation jitter, as released. The val split is scored at each
-image's original size (one confusion matrix over the split, VOC mIoU) at the LAST epoch: the release kept the epoch
-with the best val mIoU, which selects on the test split. --crf also scores LC + CRF, with a dense CRF written in torch
-(Krähenbühl & Koltun, NeurIPS 2011) at the release's settings. A MoCo-style sanity check fails the run if any tensor
-of the frozen network moved.
+from its 256-d decoder output to the classes is the only thing trained: cross-entropy (255 ignored) on the logits
+upsampled to the 512² crop, SGD, flip + scale/rotation jitter, as released. The val split is scored at each image's
+original size (VOC mIoU) at the LAST epoch: the release kept the epoch with the best val mIoU, which selects on the
+test split. --crf also scores LC + CRF (a dense CRF in torch, at the release's settings). A MoCo-style sanity check
+fails the run if any tensor of the frozen network moved.
 
 Commands
   python linear_eval.py --data-root VOC --checkpoint runs/pretrain/checkpoint.pth          # Tables 1 and 3a
@@ -45,8 +44,8 @@ import common
 # ======================================================================================================================
 
 class LinearProbe(nn.Module):
-    """A frozen network and a fresh 1×1 conv on one of its layers (`features`), initialised as released: N(0, 0.01)
-    weights and zero bias, so that every class starts near zero."""
+    """A frozen network and a fresh 1×1 conv on its layer `features`, initialised as released (N(0, 0.01), zero
+    bias): every class starts near zero."""
 
     def __init__(self, model, features, n_classes):
         super().__init__()
@@ -67,7 +66,7 @@ class LinearProbe(nn.Module):
 
 
 def check_frozen(model, before):
-    """MoCo's sanity check: every tensor of the frozen network's state dict (weights and BN buffers) is unchanged."""
+    """MoCo's sanity check: no tensor of the frozen network's state dict (weights, BN buffers) changed."""
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v.cpu(), before[k])]
     if changed:
         raise RuntimeError(f"sanity check failed: {len(changed)} tensors of the frozen network changed during linear "
@@ -79,23 +78,19 @@ def check_frozen(model, before):
 # ======================================================================================================================
 
 # Mean-field inference in the fully connected CRF of Krähenbühl & Koltun ("Efficient Inference in Fully Connected CRFs
-# with Gaussian Edge Potentials", NeurIPS 2011) with the arithmetic of their C++ code as pydensecrf wraps it —
-# DenseCRF2D, addPairwiseGaussian, addPairwiseBilateral, Potts, DIAG_KERNEL, NORMALIZE_SYMMETRIC — which the release
-# uses. As there, both Gaussian kernels are filtered with the permutohedral lattice of Adams, Baek & Davis (Eurographics
-# 2010): splat each pixel onto the d+1 corners of its simplex, blur along the d+1 lattice axes with [1/2, 1, 1/2],
-# slice back. The C++ hash table becomes a sort (torch.unique) of integer keys packed into int64 and the lattice
-# operations sparse (CSR) matrix products: tensor ops on the inputs' device. On 320 VOC images it gives pydensecrf's
-# argmax on every pixel (NOTES.md); tests/golden/crf_pydensecrf.json pins it.
+# with Gaussian Edge Potentials", NeurIPS 2011) with the arithmetic of the C++ code pydensecrf wraps (DenseCRF2D,
+# addPairwiseGaussian/Bilateral, Potts, DIAG_KERNEL, NORMALIZE_SYMMETRIC), as the release uses it. Both kernels are
+# filtered with the permutohedral lattice of Adams, Baek & Davis (Eurographics 2010): splat, blur, slice, as sparse
+# (CSR) matrices on the inputs' device, the C++ hash table a sort of packed keys. On 320 VOC images it gives
+# pydensecrf's argmax on every pixel (NOTES.md); tests/golden/crf_pydensecrf.json pins it.
 
 def _lattice(feat):
-    """Permutohedral lattice for feat N×d float32, features already divided by their standard
-    deviations.  Returns it as sparse matrices with M = number of lattice points:
-    splat M×N, blurs: d+1 of M×M, slice N×M = splat^T."""
+    """Permutohedral lattice for feat N×d float32 (features divided by their stds) as sparse matrices, with M lattice
+    points: splat M×N, blurs: d+1 of M×M, slice N×M = splat^T."""
     n, d = feat.shape
     dev = feat.device
-    # Elevate onto the plane sum(x)=0 of R^(d+1), scaled so that the lattice blur has unit standard
-    # deviation in feature space (Adams et al. p.5-6).  Done in float32 in the C++ order so that the
-    # rounding to lattice points below agrees with the reference.
+    # Elevate onto the plane sum(x)=0 of R^(d+1), scaled for a blur of unit std in feature space (Adams et al.
+    # p.5-6); in float32 and the C++ order, so that the rounding below agrees with it.
     inv_std = float(torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32))
     scale = torch.tensor([1.0 / math.sqrt((i + 1) * (i + 2)) * inv_std for i in range(d)], device=dev)
     inv = torch.tensor(1.0 / (d + 1), device=dev)                  # float32, as the C++ multiplies
@@ -122,15 +117,14 @@ def _lattice(feat):
 
     # Barycentric weights (Adams et al. p.10): differences of the sorted residuals.
     by_pos = torch.zeros(n, d + 1, device=dev).scatter_(1, d - rank, (elev - rem0) * inv)
-    weight = by_pos - torch.nn.functional.pad(by_pos[:, :-1], (1, 0))
+    weight = by_pos - F.pad(by_pos[:, :-1], (1, 0))
     weight[:, 0] += 1 - by_pos[:, d]
 
     # Corner r of the simplex is rem0 + the canonical offset r - (d+1)·[rank > d-r]; the last of
     # the d+1 coordinates is implied by sum = 0, so keys have d integers.
     r = torch.arange(d + 1, device=dev)[None, :, None]             # (1, d+1, 1)
     keys = rem0[:, None, :d].long() + r - (d + 1) * (rank[:, None, :d] > d - r).long()  # N×d+1×d
-    # Pack keys into one int64 with d+1 of margin per coordinate, so that a neighbour's code is the
-    # point's code plus a constant step and needs no decoding.
+    # Pack keys into one int64 with d+1 of margin per coordinate: a neighbour's code is the point's plus a constant.
     lo = keys.amin((0, 1)) - (d + 1)
     span = keys.amax((0, 1)) - lo + d + 2
     assert math.prod(span.tolist()) < 2 ** 62, "lattice too large to pack into int64"
@@ -139,8 +133,7 @@ def _lattice(feat):
                                          return_counts=True)       # (M,), N×d+1, (M,)
     m = len(points)
 
-    # The lattice as CSR matrices (the sparse format with a fast sparse @ dense on CPU and CUDA),
-    # so that filtering is  slice @ blur_d @ ... @ blur_0 @ splat  with slice = splat^T.
+    # CSR: a fast sparse @ dense on CPU and CUDA. Filtering is slice @ blur_d @ ... @ blur_0 @ splat.
     cols, order = vertex.sort(1)
     slice_ = _csr(torch.full((n,), d + 1, device=dev), cols, weight.gather(1, order), (n, m))
     order = vertex.reshape(-1).argsort(stable=True)                # entries grouped by lattice point
@@ -163,16 +156,15 @@ def _lattice(feat):
 def _csr(count, cols, vals, size):
     """CSR matrix from its entries listed row by row, count (R,) entries in each row.  Indices are
     int32, which the CPU product uses natively (int64 would be converted at every product)."""
-    crow = torch.nn.functional.pad(count.cumsum(0), (1, 0))
+    crow = F.pad(count.cumsum(0), (1, 0))
     with warnings.catch_warnings():  # silence torch's "sparse CSR support is in beta" notice
         warnings.simplefilter("ignore")
         return torch.sparse_csr_tensor(crow.int(), cols.int(), vals, size, check_invariants=False)
 
 
 def _filter(x, splat, blurs, slice_):
-    """Approximate Gaussian filtering sum_j k(f_i, f_j) x_j of x N×C, the pixel's own term
-    included (the reference does not subtract it).  The reference's constant factor 1/(1+2^-d) is
-    left out: it cancels under the symmetric normalisation."""
+    """Approximate Gaussian filtering sum_j k(f_i, f_j) x_j of x N×C, the pixel's own term included as in the
+    reference; its constant factor 1/(1+2^-d) is left out: the normalisation cancels it."""
     y = splat @ x                                                  # M×C
     for blur in blurs:
         y = blur @ y
@@ -181,12 +173,8 @@ def _filter(x, splat, blurs, slice_):
 
 def dense_crf(image, probs, iters=10, gauss_sxy=1.0, gauss_compat=3.0, bilat_sxy=67.0,
               bilat_srgb=3.0, bilat_compat=4.0):
-    """image: uint8 tensor 3×H×W RGB; probs: float tensor C×H×W class probabilities
-    (softmax of a classifier), on the same device.
-    Returns float32 C×H×W: the mean-field marginals Q after `iters` iterations.
-
-    Channel order matters slightly (the lattice is not invariant to permuting features): the
-    MaskContrast release passes cv2's BGR image, so pass image.flip(0) to reproduce it exactly."""
+    """image: uint8 3×H×W RGB (image.flip(0) reproduces the release, see CRFRefine); probs: C×H×W class
+    probabilities on the same device. Returns float32 C×H×W: the mean-field marginals Q after `iters` iterations."""
     c, h, w = probs.shape
     assert image.shape == (3, h, w) and image.dtype == torch.uint8, "image must be uint8 (3, H, W)"
     dev = probs.device
@@ -230,21 +218,12 @@ def save_figure(shown, shown_crf, path, tile=160):
         common.save_grid(tiles, path, ncol=4 if shown_crf else 3, size=tile)
 
 
-def overlay(img, pred, n_classes, alpha=0.5):
-    present = [c for c in range(1, n_classes) if (pred == c).any()]
-    if not present:
-        return img
-    pal = common.voc_palette()
-    masks = torch.stack([pred == c for c in present])
-    return draw_segmentation_masks(img, masks, alpha=alpha, colors=[tuple(int(v) for v in pal[c]) for c in present])
-
-
 @torch.no_grad()
 def predict_folder(probe, folder, out, reader, n_classes, crf):
     """Segment the user's own images: a palette PNG and an overlay per image, at the image's own size."""
     probe.eval()
     device, amp, tf = reader.device, reader.amp, common.eval_transform(reader.size, reader.resize)
-    samples = common.list_samples(folder)
+    samples, pal = common.list_samples(folder), common.voc_palette()
     for s in tqdm(samples, desc="predict"):
         img = common.read_image(s.image)
         with common.autocast(device, amp):
@@ -252,12 +231,16 @@ def predict_folder(probe, folder, out, reader, n_classes, crf):
         probs = F.interpolate(logits, size=img.shape[1:], mode="bilinear", align_corners=False)[0].softmax(0)
         pred = (dense_crf(img.flip(0).to(device), probs) if crf else probs).argmax(0).cpu()
         common.save_label_png(pred.numpy(), out / f"{s.id}.png")
-        common.save_png(overlay(img, pred, n_classes).permute(1, 2, 0).numpy(), out / f"{s.id}_overlay.png")
+        present = [c for c in range(1, n_classes) if (pred == c).any()]
+        if present:
+            colors = [tuple(int(v) for v in pal[c]) for c in present]
+            img = draw_segmentation_masks(img, torch.stack([pred == c for c in present]), alpha=0.5, colors=colors)
+        common.save_png(img.permute(1, 2, 0).numpy(), out / f"{s.id}_overlay.png")
     return len(samples)
 
 
 class CRFRefine:
-    """evaluate_segmentation's `refine`: the dense CRF of a val image's class probabilities, on its own pixels."""
+    """evaluate_segmentation's `refine`: the dense CRF of a val image's class probabilities."""
 
     def __init__(self, device, keep=0):
         self.device, self.keep, self.shown = device, keep, []
@@ -415,12 +398,12 @@ def main(argv=None):
                                    optimizer=optimizer.state_dict(), train_step=step.state_dict(), epoch=args.epochs,
                                    history=history, args=vars(args), made_with=spec, results=results)
             common.write_json(out / "linear_eval.json", {**results, "history": history, "args": vars(args)})
-    rows = [(n, results["per_class_iou"][n]) + ((results["per_class_iou_crf"][n],) if "miou_crf" in results else ())
-            for n in names]
-    rows.append(("mIoU", results["miou"]) + ((results["miou_crf"],) if "miou_crf" in results else ()))
-    common.print_table(rows, ["class", "IoU %"] + (["with CRF"] if "miou_crf" in results else []))
+    with_crf = "miou_crf" in results
+    rows = [(n, results["per_class_iou"][n]) + ((results["per_class_iou_crf"][n],) if with_crf else ()) for n in names]
+    rows.append(("mIoU", results["miou"]) + ((results["miou_crf"],) if with_crf else ()))
+    common.print_table(rows, ["class", "IoU %"] + (["with CRF"] if with_crf else []))
     common.print0(f"linear classifier, last epoch ({args.epochs}): mIoU {results['miou']:.2f}"
-                  + (f", with CRF {results['miou_crf']:.2f}" if "miou_crf" in results else "")
+                  + (f", with CRF {results['miou_crf']:.2f}" if with_crf else "")
                   + f" on {len(val_samples)} {args.val_split} images → {out / 'linear_eval.json'}")
 
     if args.predict and world.is_main:
