@@ -31,7 +31,6 @@ from tqdm import tqdm
 
 # ======================================================================================================================
 # 1. The model (paper Fig. 3)
-# ======================================================================================================================
 
 ARCH_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 # --backbone-init / --checkpoint words for torchvision's ImageNet classifiers. The release used the V1 file
@@ -40,9 +39,8 @@ TORCHVISION_WEIGHTS = {"imagenet": "IMAGENET1K_V1", "imagenet-v2": "IMAGENET1K_V
 
 
 def dilate(layer, d):
-    """Trade `layer`'s stride 2 for dilation, the released rule for every ResNet: the 3×3 conv that had stride 2 gets
-    stride 1 and dilation d/2, every other 3×3 conv dilation d, the 1×1 shortcut stride 1. (For Bottleneck blocks this
-    is what torchvision's replace_stride_with_dilation does; BasicBlock refuses that flag.)"""
+    """Stride 2 → dilation, the released rule (torchvision's replace_stride_with_dilation, also for BasicBlock): the
+    strided 3×3 conv gets stride 1 and dilation d/2, every other 3×3 conv dilation d, the 1×1 shortcut stride 1."""
     for m in layer.modules():
         if isinstance(m, nn.Conv2d):
             if m.stride == (2, 2):
@@ -74,9 +72,8 @@ class SegOutput(NamedTuple):
 
 
 class SegModel(nn.Module):
-    """Backbone → DeepLab-v3 decoder (ASPP with rates 12/24/36 + 3×3 conv, 256-d, stride 8) → `head`, a 1×1 conv to
-    `head_channels` (32-d pixel embeddings; class logits once fine-tuning replaces it), and `saliency_head`, a
-    parallel 1×1 conv to one saliency logit per pixel."""
+    """Backbone → DeepLab-v3 decoder (ASPP 12/24/36 + 3×3 conv, 256-d, stride 8) → `head`, a 1×1 conv to
+    `head_channels` (32-d embeddings, or class logits), and `saliency_head`, a parallel 1×1 conv to one logit."""
 
     def __init__(self, arch="resnet50", head_channels=32, saliency_head=True, output_stride=8):
         super().__init__()
@@ -97,8 +94,7 @@ class SegModel(nn.Module):
         return self.decoder(self.backbone_features(x))
 
     def layer_features(self, x, layer):
-        """The features of one layer at stride 8 — 'backbone', 'decoder' (256-d) or 'head' — for the evaluations that
-        read a frozen network (--features)."""
+        """--features of a frozen network: 'backbone', 'decoder' (256-d) or 'head', at stride 8."""
         if layer == "backbone":
             return self.backbone_features(x)
         f = self.features(x)
@@ -108,8 +104,7 @@ class SegModel(nn.Module):
         return {"backbone": ARCH_CHANNELS[self.arch], "decoder": 256, "head": self.head.out_channels}[layer]
 
     def forward(self, x, upsample=True):
-        """SegOutput(out, saliency), upsampled bilinearly to the input size as the release does, unless
-        upsample=False (stride 8)."""
+        """SegOutput(out, saliency), upsampled bilinearly to the input size (as released) unless upsample=False."""
         f = self.features(x)
         out = self.head(f)
         sal = self.saliency_head(f)[:, 0] if self.saliency_head is not None else None
@@ -121,10 +116,9 @@ class SegModel(nn.Module):
 
 
 def load_backbone_weights(net, spec, arch):
-    """Initialise a dilated ResNet from `spec`: 'random', 'imagenet' (torchvision's V1 classifier, as released),
-    'imagenet-v2', a torchvision state-dict file or a MoCo v2 checkpoint (its encoder_q). fc is dropped; a missing
-    num_batches_tracked (files older than PyTorch 0.4.1, such as V1's resnet50-19c8e357.pth) is filled in as PyTorch
-    does; any other missing or unexpected key refuses the file. Returns a line saying what was loaded."""
+    """Initialise a dilated ResNet from `spec`: 'random', 'imagenet' (V1, as released), 'imagenet-v2', a torchvision
+    state-dict file or a MoCo v2 checkpoint (encoder_q). fc is dropped; only num_batches_tracked may be missing (files
+    older than PyTorch 0.4.1, as V1's); any other key missing or unexpected refuses the file. Returns what loaded."""
     if spec in (None, "", "random"):
         return "backbone: random init"
     if spec in TORCHVISION_WEIGHTS:
@@ -162,7 +156,6 @@ def load_backbone_weights(net, spec, arch):
 
 # ======================================================================================================================
 # 2. Data
-# ======================================================================================================================
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -195,7 +188,7 @@ def saliency_dir(root, name, mask_root=None):
 
 
 def dropped_ids(mask_folder):
-    """The ids mine_masks.py listed in MASK_FOLDER/dropped.txt (under 1 % object): images with no mask, by design."""
+    """The ids of MASK_FOLDER/dropped.txt: images mine_masks.py gave no mask (under 1 % object)."""
     f = Path(mask_folder) / "dropped.txt"
     return set(f.read_text().split()) if f.is_file() else set()
 
@@ -205,8 +198,7 @@ def read_ids(path):
 
 
 def train_split(root, split):
-    """The split to train on: `split` when given; else 'trainaug' where ROOT lists it and 'train' (said) where it
-    does not — a VOC 2012 root without SBD's labels has no 'trainaug'."""
+    """`split`, else 'trainaug', or 'train' (said) for a VOC 2012 root without SBD's labels."""
     if split:
         return split
     if (Path(root) / "ImageSets" / "Segmentation" / "trainaug.txt").is_file() or not is_voc_root(root):
@@ -216,9 +208,8 @@ def train_split(root, split):
 
 
 def list_samples(root, split=None, saliency=None, mask_root=None, labels=False):
-    """The samples of one root: a VOC-layout root (ids from the split list, or all of JPEGImages) or a plain folder
-    of images; with `labels`, each one's label in SegmentationClass/ or SegmentationClassAug/ (a missing one is an
-    error); with `saliency`, where its mask is (MASK_ROOT/saliency_<name>/<id>.png, not checked)."""
+    """The samples of a VOC-layout root (the split's ids, or all of JPEGImages) or a folder of images; with `labels`
+    each one's label (SegmentationClass[Aug]/, required), with `saliency` its mask path (not checked)."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: no such folder (pass a VOC-layout root or a folder of images)")
@@ -231,10 +222,8 @@ def list_samples(root, split=None, saliency=None, mask_root=None, labels=False):
             ids = read_ids(lst)
         else:
             ids = sorted(p.stem for p in (root / "JPEGImages").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        images = {}
-        for i in ids:
-            p = root / "JPEGImages" / f"{i}.jpg"
-            images[i] = p if p.exists() else next((root / "JPEGImages").glob(f"{i}.*"), p)
+        jpg = {i: root / "JPEGImages" / f"{i}.jpg" for i in ids}
+        images = {i: p if p.exists() else next(p.parent.glob(f"{i}.*"), p) for i, p in jpg.items()}
     else:
         images = {p.stem: p for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
         ids = list(images)
@@ -278,8 +267,8 @@ def open_rgb(path):
 
 
 def read_image(path):
-    """RGB uint8 3×H×W: JPEG and PNG through torchvision's decoder (twice as fast as PIL's, which matters in the
-    loader); what it cannot read as 8-bit RGB (CMYK, 16 bits, damage, a torchvision without it) through PIL."""
+    """RGB uint8 3×H×W: JPEG and PNG through torchvision's decoder (twice PIL's speed), what it cannot read through
+    PIL (CMYK, 16 bits, damage)."""
     if Path(path).suffix.lower() in (".jpg", ".jpeg", ".png"):
         try:
             with warnings.catch_warnings():
@@ -300,8 +289,8 @@ def read_mask(path):
 
 
 def read_objects(path):
-    """An object mask as H×W uint8 object ids: 0 background, 1…254 objects (mine_masks.py's format). A 0/255 mask
-    is one object (255 → 1); a 255 beside other ids is refused (an anti-aliased grey mask is not an id map)."""
+    """H×W uint8 object ids (mine_masks.py's format): 0 background, 1…254 objects; a 0/255 mask is one object. A 255
+    beside other ids is refused: an anti-aliased grey mask is not an id map."""
     m = read_mask(path)
     if m.max() == 255:
         if ((m > 0) & (m < 255)).any():
@@ -313,8 +302,7 @@ def read_objects(path):
 
 
 def components(mask, min_area=0.01):
-    """Object ids (uint8, 0 background) of a post-processed salient mask: each 8-connected component whose filled area
-    passes the release's area rule is its own object — the authors' advice for scenes of several objects."""
+    """uint8 object ids of a salient mask: each 8-connected component whose filled area passes the area rule."""
     mask = np.asarray(mask)
     labels, _ = scipy.ndimage.label(mask, structure=np.ones((3, 3)))
     objects, m = np.zeros(mask.shape, np.uint8), 0
@@ -342,9 +330,8 @@ def voc_palette():
 
 
 def decode_label(path):
-    """(class-index label H×W uint8, whether it came from RGB). VOC labels are palette or single-channel PNGs
-    whose pixel values are the classes (255 = ignore). An RGB label whose colours all lie in the VOC palette is mapped
-    back through it; any other RGB label, or a 16-bit one, is refused: its grey levels are not classes."""
+    """(class ids H×W uint8 from a palette or single-channel PNG, 255 = ignore; whether it was RGB). An RGB label
+    in VOC palette colours is mapped back; any other RGB or 16-bit label is refused: its levels are not classes."""
     with _opened(path, "label") as im:
         if im.mode in ("P", "L", "1"):
             return torch.from_numpy(np.array(im, dtype=np.uint8)), False
@@ -368,29 +355,24 @@ def read_label(path):
     return decode_label(path)[0]
 
 
-class _LabelStats(torch.utils.data.Dataset):
-    def __init__(self, samples):
-        self.samples = samples
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        y, from_rgb = decode_label(self.samples[i].label)
-        return torch.bincount(y.flatten().long(), minlength=256), from_rgb
+def _label_counts(batch):
+    """Pixel counts per value (B×256) of a batch of samples' labels, and how many were RGB: in the loader workers."""
+    decoded = [decode_label(s.label) for s in batch]
+    counts = torch.stack([torch.bincount(y.flatten().long(), minlength=256) for y, _ in decoded])
+    return counts, sum(from_rgb for _, from_rgb in decoded)
 
 
 def scan_labels(splits, classes=0, workers=0):
-    """Read and validate every label of `splits` ({name: samples}) before any work; returns the number of classes
-    (`classes`, else the largest value + 1). Refused, naming the file or split: a value ≥ `classes`; a stray value
-    far above the others (it would add classes); a split with no object class (it would score background alone)."""
+    """Validate every label of `splits` ({name: samples}) before any work; returns the number of classes (`classes`,
+    else the largest value + 1). Refused, named: a value ≥ `classes`, a stray value far above the others, a split
+    with no object class."""
     hists, rgb, where = {}, 0, {}
     for name, samples in splits.items():
-        loader = torch.utils.data.DataLoader(_LabelStats(samples), batch_size=32, num_workers=workers)
+        loader = torch.utils.data.DataLoader(samples, batch_size=32, num_workers=workers, collate_fn=_label_counts)
         h = []
-        for counts, from_rgb in tqdm(loader, desc=f"checking {name} labels", leave=False, disable=len(samples) < 500):
+        for counts, n_rgb in tqdm(loader, desc=f"checking {name} labels", leave=False, disable=len(samples) < 500):
             h.append(counts)
-            rgb += int(from_rgb.sum())
+            rgb += n_rgb
         hists[name] = torch.cat(h)  # (images, 256) pixel count per value
         for v in (hists[name][:, :IGNORE] > 0).any(0).nonzero()[:, 0].tolist():
             where.setdefault(v, samples[int((hists[name][:, v] > 0).nonzero()[0, 0])].label)
@@ -414,7 +396,7 @@ def scan_labels(splits, classes=0, workers=0):
 
 
 def class_names(n, root=None):
-    """The n class names: ROOT/classes.txt (one a line) where the dataset has one, VOC's for 21, else class<i>."""
+    """ROOT/classes.txt (one a line) where there is one, VOC's for 21, else class<i>."""
     f = Path(root or ".") / "classes.txt"
     names = f.read_text().split() if root and f.is_file() else VOC_CLASSES if n == len(VOC_CLASSES) else []
     return list(names)[:n] if len(names) >= n else [f"class{i}" for i in range(n)]
@@ -433,8 +415,7 @@ def save_mask_png(mask, path):
 
 
 def save_objects_png(objects, path):
-    """Save H×W object ids (0 background, 1…254): one object as a 0/255 grey PNG, several as a palette PNG whose
-    index is the id (coloured like VOC classes, so a person can see them)."""
+    """H×W object ids as a PNG: one object 0/255 grey, several a palette PNG coloured like VOC classes."""
     objects = np.asarray(objects)
     if objects.max(initial=0) > 254:
         raise UserError(f"{path}: {int(objects.max())} objects; a mask PNG holds at most 254")
@@ -449,8 +430,8 @@ def save_objects_png(objects, path):
 # the workers drew, so a 16-core machine can feed a GPU (the per-image hue shift alone costs ~2 ms of a core).
 
 def draw_view(hw, scale=(0.2, 1.0)):
-    """A random pretraining view of an image of size hw = H×W: torchvision's RandomResizedCrop box (area share in
-    `scale`, aspect ratio 3/4 to 4/3) and a horizontal flip, drawn from torch's global RNG."""
+    """A random view of an H×W image from torch's global RNG: RandomResizedCrop's box (area share `scale`, aspect
+    3/4 to 4/3) and a horizontal flip."""
     top, left, h, w = torchvision.transforms.RandomResizedCrop.get_params(torch.empty(0, *hw), scale, (3 / 4, 4 / 3))
     return top, left, h, w, bool(torch.rand(()) < 0.5)
 
@@ -466,9 +447,8 @@ def crop_view(t, view, size):
 
 
 def draw_color_params(rng, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2):
-    """torchvision's RandomApply([ColorJitter(*jitter)], p_jitter) + RandomGrayscale(p_gray) drawn for one image from
-    a numpy Generator: float32 (9,) = [brightness, contrast, saturation, hue factors (identity 1, 1, 1, 0), the ids of
-    the four ops (0 b, 1 c, 2 s, 3 h) in the order they apply, grayscale 0/1]. Hue 0 skips the hue op."""
+    """RandomApply([ColorJitter(*jitter)], p_jitter) + RandomGrayscale(p_gray) drawn for one image from a numpy
+    Generator: float32 (9,) = [b, c, s, h factors (identity 1, 1, 1, 0), the ops 0–3 in their order, grayscale]."""
     b, c, s, h = jitter
     if not 0 <= h <= 0.5:
         raise UserError(f"hue jitter {h}: must lie in [0, 0.5], as torchvision's")
@@ -488,9 +468,8 @@ def _gray(x):
 
 
 def _blend_step(x, op, factors, active):
-    """Brightness, contrast or saturation (`op` (B,), per image) where `active` (B,), the identity elsewhere. All
-    three are torchvision's blend clamp(f·x + (1 − f)·ref, 0, 1) with ref = 0 (brightness), the image's mean luma
-    (contrast) or each pixel's luma (saturation). In place on x."""
+    """Brightness, contrast or saturation (`op` (B,)) where `active` (B,), in place: torchvision's blend
+    clamp(f·x + (1 − f)·ref, 0, 1), ref = 0, the image's mean luma or each pixel's luma."""
     op = op.view(-1, 1, 1, 1)
     gray = _gray(x)                                                                   # gray: B×1×H×W
     ref = torch.where(op == 2, gray, torch.where(op == 1, gray.mean(dim=(2, 3), keepdim=True), 0.0))
@@ -500,8 +479,8 @@ def _blend_step(x, op, factors, active):
 
 
 def _adjust_hue(x, hue):
-    """Shift the HSV hue of each image of B×3×H×W by hue (B,) turns, as torchvision's adjust_hue, by the closed
-    form of HSV → RGB: channel = V − (max − min)·clamp(min(k, 4 − k), 0, 1), k = (n + 6H) mod 6, n = 5, 3, 1."""
+    """torchvision's adjust_hue by hue (B,) turns, in the closed form of HSV → RGB:
+    channel = V − (max − min)·clamp(min(k, 4 − k), 0, 1), k = (n + 6H) mod 6, n = 5, 3, 1."""
     r, g, b = x.unbind(1)                                                             # each B×H×W
     maxc, minc = x.amax(dim=1), x.amin(dim=1)
     delta = maxc - minc
@@ -514,16 +493,14 @@ def _adjust_hue(x, hue):
 
 
 def apply_color_params(x, params):
-    """Colour-augment a batch x B×3×H×W in [0, 1], each image with its own params B×9 from draw_color_params:
-    the same result as torchvision's ops applied image by image (tests), without a loop over images or a host sync.
-    Returns float32 in [0, 1], also inside an autocast region."""
+    """Colour-augment x B×3×H×W in [0, 1] with params B×9 of draw_color_params: torchvision's ops image by image
+    (tests), without a loop or a host sync. float32, also under autocast."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         x, params = x.to(torch.float32, copy=True), params.float()
         factors, order = params[:, 0:4], params[:, 4:8].long()                        # B×4, B×4
         hue_pos = (order == 3).long().argmax(dim=1)                                   # hue_pos: B
-        # the HSV round trip is the expensive op, so it runs once for the batch; an image's cheap ops before it in
-        # its order run in the first loop, those after it in the second (position 3 never precedes the hue op and
-        # position 0 never follows it: three steps each)
+        # the HSV round trip is expensive, so it runs once for the batch: an image's ops before it in its order run
+        # in the first loop, those after it in the second (three steps each)
         for pos in range(0, 3):
             x = _blend_step(x, order[:, pos], factors, active=pos < hue_pos)
         hue = factors[:, 3]
@@ -542,9 +519,8 @@ def normalize(x):
 
 
 def seg_train_transform(size, scale=(0.75, 1.25), degrees=5, border_label=0):
-    """Supervised training (linear classifier, fine-tuning), as released: flip, scale jitter with a small rotation
-    (the image warped bicubic, which torchvision does for PIL images only; the label nearest), resize to size×size.
-    What a zoom-out or rotation brings in is labelled `border_label`: 0 = background as released, 255 = ignored."""
+    """Supervised training, as released: flip, scale jitter with a small rotation (bicubic: PIL images only; labels
+    nearest), resize to size². What a zoom-out or rotation brings in is `border_label` (0 as released, 255 ignored)."""
     return v2.Compose([
         v2.RandomHorizontalFlip(),
         v2.RandomAffine(degrees=degrees, scale=scale, interpolation=v2.InterpolationMode.BICUBIC,
@@ -557,8 +533,8 @@ def seg_train_transform(size, scale=(0.75, 1.25), degrees=5, border_label=0):
 
 
 def eval_transform(size, resize="bicubic"):
-    """Evaluation: the image resized to size×size (labels stay at their original size, predictions go back to it):
-    bicubic without antialiasing is the release's OpenCV INTER_CUBIC; 'bilinear' is antialiased."""
+    """Evaluation: the image resized to size² (bicubic unantialiased = the release's INTER_CUBIC; bilinear
+    antialiased); labels stay at their size."""
     return v2.Compose([
         v2.Resize((size, size), interpolation=v2.InterpolationMode[resize.upper()], antialias=resize == "bilinear"),
         v2.ToDtype(torch.float32, scale=True),
@@ -568,8 +544,7 @@ def eval_transform(size, resize="bicubic"):
 
 @contextlib.contextmanager
 def seeded(seed):
-    """Run a block on torch's global CPU RNG seeded with `seed`, and give the caller its own RNG state back after:
-    torchvision's random transforms draw from the global RNG, and this makes what they draw a function of `seed`."""
+    """A block on torch's global CPU RNG seeded with `seed` (torchvision's transforms draw from it), restored after."""
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)  # the CPU generator alone: torch.manual_seed would queue GPU seeds
         yield
@@ -597,10 +572,8 @@ class SeededSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         if not self.loop:
-            return iter(self.visits(self.epoch)[self.rank::self.world][:self.n // self.world][self.start:])
-        return self._stream()
-
-    def _stream(self):
+            yield from self.visits(self.epoch)[self.rank::self.world][:self.n // self.world][self.start:]
+            return
         position, first, epoch = 0, self.start * self.world, 0
         while True:
             for visit in self.visits(epoch):
@@ -611,9 +584,8 @@ class SeededSampler(torch.utils.data.Sampler):
 
 
 class SegDataset(torch.utils.data.Dataset):
-    """Labelled images. Training (items (index, seed) from SeededSampler): image and label augmented jointly by
-    `transform`, its randomness drawn from the item's seed. Evaluation (plain indices): the image through `transform`,
-    the label kept at its original size, so that predictions are scored there."""
+    """Labelled images. Items (index, seed) of SeededSampler: image and label augmented jointly by `transform` drawn
+    from the seed. Plain indices: the image through `transform`, the label kept at its size to be scored there."""
 
     def __init__(self, samples, transform):
         self.samples, self.transform = samples, transform
@@ -733,7 +705,6 @@ def download_voc(root):
 
 # ======================================================================================================================
 # 3. Evaluation
-# ======================================================================================================================
 
 def confusion_matrix(pred, gt, n_classes, ignore_index=IGNORE):
     """(n_classes, n_classes) int64 counts, rows = ground truth, columns = prediction; ignored pixels skipped."""
@@ -875,7 +846,6 @@ def default_eval_out(spec, arch, what):
 
 # ======================================================================================================================
 # 4. Runtime plumbing
-# ======================================================================================================================
 
 class UserError(Exception):
     """A problem the user can fix (a path, a file, a flag). Printed as one line, never as a stack trace."""

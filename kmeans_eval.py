@@ -44,7 +44,6 @@ RETRIEVAL_7 = ("aeroplane", "bottle", "bus", "car", "cat", "cow", "person")
 
 # ======================================================================================================================
 # PCA and K-Means in torch (on the GPU when there is one)
-# ======================================================================================================================
 
 def pca_fit(x, dim):
     """(mean, W) such that (rows − mean) @ W are the rows' coordinates on their top `dim` principal axes, each scaled
@@ -106,7 +105,6 @@ def kmeans(x, k, seed, restarts=10, iters=300):
 
 # ======================================================================================================================
 # Prototypes
-# ======================================================================================================================
 
 class ProtoDataset(common.SegDataset):
     """An eval sample plus its foreground mask from a saliency folder (at the label's size), when one is used."""
@@ -211,7 +209,6 @@ def extract_prototypes(model, samples, reader, features, objects, n_classes, kee
 
 # ======================================================================================================================
 # Matching clusters to classes, scoring
-# ======================================================================================================================
 
 def match_from_confusion(conf):
     """conf: (n_clusters, n_classes) pixel counts. Returns a LongTensor cluster → class: Hungarian on IoU (one-to-one)
@@ -343,7 +340,6 @@ def retrieval(bank, query, n_classes, classes=None, absent="skip"):
 
 # ======================================================================================================================
 # Pictures
-# ======================================================================================================================
 
 def save_retrieval_figure(query_samples, bank_samples, query, bank, neighbours, path, n, tile=128):
     """One row per val query object: its image, then the images of its top-5 train neighbours."""

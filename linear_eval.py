@@ -41,7 +41,6 @@ import common
 
 # ======================================================================================================================
 # The linear protocol
-# ======================================================================================================================
 
 class LinearProbe(nn.Module):
     """A frozen network and a fresh 1×1 conv on its layer `features`, initialised as released (N(0, 0.01), zero
@@ -75,7 +74,6 @@ def check_frozen(model, before):
 
 # ======================================================================================================================
 # Dense CRF (the release's LC + CRF column), in torch
-# ======================================================================================================================
 
 # Mean-field inference in the fully connected CRF of Krähenbühl & Koltun ("Efficient Inference in Fully Connected CRFs
 # with Gaussian Edge Potentials", NeurIPS 2011) with the arithmetic of the C++ code pydensecrf wraps (DenseCRF2D,
@@ -205,7 +203,6 @@ def dense_crf(image, probs, iters=10, gauss_sxy=1.0, gauss_compat=3.0, bilat_sxy
 
 # ======================================================================================================================
 # Pictures and your own images
-# ======================================================================================================================
 
 def save_figure(shown, shown_crf, path, tile=160):
     """One row per image: image | ground truth | prediction [| prediction after the CRF] (VOC palette)."""

@@ -1,44 +1,30 @@
-r"""Mine object masks, from raw images with no labels and no downloads: paper Sec. 3.2, "mask proposals" — the masks
-pretrain.py contrasts — and Table 2a's three sources of them (--proposals).
-
-The paper takes its masks from an off-the-shelf saliency estimator, unsupervised (DeepUSPS, Nguyen et al. NeurIPS
-2019: hand-crafted priors → a network trained on them → bootstrapping) or supervised (BAS-Net trained on DUTS); the
-release ships only the resulting PNGs. This script makes them, in one of three modes:
-
-1. unsupervised (default): two classical saliency priors computed batched in torch (GPU when there is one) and fused
-   by their mean — "mbd", Minimum Barrier salient object detection (Zhang et al. ICCV 2015, MB+), and "rbd", Saliency
-   Optimization from Robust Background Detection (Zhu et al. CVPR 2014, on SLIC superpixels) — then --rounds saliency
-   networks (common.SegModel's 1-channel head), the first trained on the confident pixels of the priors, each next one
-   on its predecessor's flip-averaged predictions mixed with the priors (DeepUSPS's and the paper's bootstrapping);
-2. supervised (--train-images DIR --train-masks DIR, e.g. DUTS-TR): the same network trained on real masks — the
-   paper's "supervised saliency" variant;
+r"""Mine object masks from raw images, no labels and no downloads: paper Sec. 3.2's "mask proposals" (the masks
+pretrain.py contrasts) and Table 2a's three sources of them (--proposals). The paper takes them from an off-the-shelf
+saliency estimator, unsupervised (DeepUSPS, Nguyen et al. NeurIPS 2019) or supervised (BAS-Net trained on DUTS); the
+release ships only the PNGs. This script makes them, in one of three modes:
+1. unsupervised (default): two classical priors batched in torch and fused by their mean, "mbd" (MB+, Zhang et al.
+   ICCV 2015) and "rbd" (Zhu et al. CVPR 2014, on SLIC superpixels), then --rounds saliency networks (SegModel's
+   1-channel head), the first on the priors' confident pixels, each next on its predecessor's flip-averaged
+   predictions mixed with the priors (DeepUSPS's and the paper's bootstrapping);
+2. supervised (--train-images DIR --train-masks DIR, e.g. DUTS-TR): the same network trained on real masks;
 3. import (--import-maps DIR): saliency maps from any other tool (grey images of any size), only post-processed.
+Post-processing (the release's): threshold strictly above 0.5, remove every contour whose filled area is under 1 % of
+the image, drop the image when under 1 % of it is object. --proposals saliency (default) keeps that mask as one
+object; components makes each connected component passing the area rule an object; hierarchical uses no saliency:
+SLIC superpixels merged bottom-up by colour, each region between 1 % and --max-region of the image an object. Masks go
+to MASK_ROOT/saliency_<name>/<id>.png (MASK_ROOT: each data root, unless --mask-root) at the image's size, 0/255 or
+object ids 1…M (palette PNG), with dropped.txt and summary.json beside them: what pretrain.py and kmeans_eval.py read.
 
-The post-processing is the release's: threshold strictly above 0.5; remove every contour whose filled area (holes
-included) is under 1 % of the image; drop the image when under 1 % of it is object. --proposals saliency (default,
-the paper's) keeps that mask as one object; components makes each of its connected components that passes the area
-rule an object (any mode); hierarchical uses no saliency at all: the SLIC superpixels merged bottom-up by colour,
-every region between 1 % and --max-region of the image an object. Masks go to MASK_ROOT/saliency_<name>/<id>.png at
-each image's original size (MASK_ROOT: each data root, unless --mask-root) — 0/255 for one object, object ids
-1…M (a palette PNG) for several — with dropped.txt and summary.json (objects per image) beside them: what
-pretrain.py and kmeans_eval.py read by default.
-
-Commands
-  # default: every image of the root, unsupervised, written to VOC/saliency_unsup/
+Commands (scored against ground truth: --eval-masks; Table 2a: --proposals components or hierarchical)
   python mine_masks.py --data-root VOC
-  # scored against ground-truth masks (MAE, max F-beta, IoU at 0.5 per stage; grid.png), masks under runs/ecssd/
   python mine_masks.py --data-root ECSSD/images --mask-root runs/ecssd --eval-masks ECSSD/masks --out runs/mine_ecssd
-  # the supervised variant, trained on DUTS-TR, predicting VOC (VOC/saliency_sup/)
   python mine_masks.py --data-root VOC --name sup --train-images DUTS-TR/images --train-masks DUTS-TR/masks
-  # maps from another tool
   python mine_masks.py --data-root VOC --name basnet --import-maps basnet_maps/
-  # Table 2a: each salient component an object; regions of a hierarchical segmentation (no saliency)
-  python mine_masks.py --data-root VOC --name components --proposals components
   python mine_masks.py --data-root VOC --name hierarchical --proposals hierarchical
-Images are read from disk in chunks of 256 and each stage's maps go to an .npy array file in --out, so memory does
-not grow with the images; --resume continues a stage after its last finished chunk. Under torchrun every process
-mines its share of the chunks and the saliency networks train with DDP (--batch-size stays global); rank 0 writes
-the summaries. Across machines, --out and the mask folders must be on a file system they share.
+Images are read in chunks of 256 and each stage's maps go to an .npy file in --out, so memory does not grow with the
+images; --resume continues a stage after its last finished chunk. Under torchrun each process mines its share of the
+chunks and the networks train with DDP (--batch-size stays global); across machines --out and the mask folders must
+be on a shared file system.
   torchrun --nproc_per_node 4 mine_masks.py --data-root COCO/train2017 --mask-root runs/coco_masks
 """
 import argparse
@@ -64,7 +50,6 @@ import common
 
 # ======================================================================================================================
 # The classical priors
-# ======================================================================================================================
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Prior 1: minimum-barrier distance (Zhang et al. ICCV 2015, MB+)
@@ -274,7 +259,6 @@ PRIORS = {"mbd": mbd_prior, "rbd": rbd_prior}
 
 # ======================================================================================================================
 # Post-processing and metrics
-# ======================================================================================================================
 
 def postprocess(prob, threshold=0.5, min_area=0.01):
     """The release's recipe, on a map in [0, 1]: threshold strictly above `threshold`; every contour whose filled
@@ -311,7 +295,6 @@ def postprocess(prob, threshold=0.5, min_area=0.01):
 
 # ======================================================================================================================
 # Proposals: Sec. 3.3's non-overlapping objects {M0, …, MN}, from the three sources of Table 2a
-# ======================================================================================================================
 
 def merge_regions(label, lab, count, merge_below=25.0, max_region=0.5):
     """A hierarchical segmentation of one image, bottom-up from its SLIC superpixels (label: n×n ids in [0, K); lab:
@@ -403,7 +386,6 @@ class SaliencyMeter:
 
 # ======================================================================================================================
 # Streaming: images read from disk in chunks, each stage's maps in an .npy array file of the work folder
-# ======================================================================================================================
 
 CHUNK = 256  # images per chunk: the unit of work of a process, and of --resume within a stage
 
@@ -565,7 +547,6 @@ def match_by_stem(folder, ids, what):
 
 # ======================================================================================================================
 # The saliency network: trained on (pseudo-)labels 0 / 1 / IGNORE, predicting with flip test-time augmentation
-# ======================================================================================================================
 
 @dataclass
 class NetConfig:
@@ -723,7 +704,6 @@ def pseudo_labels(maps, fg, bg):
 
 # ======================================================================================================================
 # The stages, each returning its maps (MapFiles, S×S) and filling `metrics` and `seconds`
-# ======================================================================================================================
 
 @dataclass
 class Run:

@@ -47,7 +47,6 @@ import common
 
 # ======================================================================================================================
 # Algorithm 1: the loss
-# ======================================================================================================================
 
 def maskcontrast_loss(q, k, s_q, s_k, queue, temperature=0.5, weighting="enet"):
     """The contrastive loss of Algorithm 1 for one batch, over every object of every image (Sec. 3.3's {M0, …, MN});
@@ -101,7 +100,6 @@ def saliency_loss(aux, s_q, balanced=True):
 
 # ======================================================================================================================
 # Algorithm 1: the query network, the momentum key network and the queue (the shape of MoCo's builder)
-# ======================================================================================================================
 
 def all_gather_nograd(t):
     """Concatenate a tensor from every process along dim 0 (no gradient flows back, as in MoCo)."""
@@ -270,7 +268,6 @@ def mask_contrast(f_q, cfg=Contrast()):
 
 # ======================================================================================================================
 # Data: two augmented views that both hold part of the object
-# ======================================================================================================================
 
 def pretrain_samples(roots, split, saliency, mask_root=None, missing="error"):
     """The images that have a mask, found without opening one (start-up stays quick at COCO scale): a mask missing
