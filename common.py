@@ -116,9 +116,8 @@ class SegModel(nn.Module):
 
 
 def load_backbone_weights(net, spec, arch):
-    """Initialise a dilated ResNet from `spec`: 'random', 'imagenet' (V1, as released), 'imagenet-v2', a torchvision
-    state-dict file or a MoCo v2 checkpoint (encoder_q). fc is dropped; only num_batches_tracked may be missing (files
-    older than PyTorch 0.4.1, as V1's); any other key missing or unexpected refuses the file. Returns what loaded."""
+    """Initialise a dilated ResNet from 'random', 'imagenet' (V1, as released), 'imagenet-v2', a torchvision or MoCo v2
+    state-dict file. fc is dropped; only num_batches_tracked may be missing (V1 predates it). Returns what loaded."""
     if spec in (None, "", "random"):
         return "backbone: random init"
     if spec in TORCHVISION_WEIGHTS:
@@ -363,9 +362,8 @@ def _label_counts(batch):
 
 
 def scan_labels(splits, classes=0, workers=0):
-    """Validate every label of `splits` ({name: samples}) before any work; returns the number of classes (`classes`,
-    else the largest value + 1). Refused, named: a value ≥ `classes`, a stray value far above the others, a split
-    with no object class."""
+    """Validate every label of `splits` ({name: samples}) before any work: refuse a value ≥ `classes`, a stray value
+    far above the others, a split with no object class. Returns `classes`, else the largest value + 1."""
     hists, rgb, where = {}, 0, {}
     for name, samples in splits.items():
         loader = torch.utils.data.DataLoader(samples, batch_size=32, num_workers=workers, collate_fn=_label_counts)
@@ -551,9 +549,8 @@ def seeded(seed):
 
 
 class SeededSampler(torch.utils.data.Sampler):
-    """(index, seed) pairs: epoch e visits the n items in an order drawn from (seed, e), each visit with its own
-    augmentation seed, so what a run sees depends on --seed alone (not on workers or a resume). Process `rank` takes
-    every world-th visit; loop=True is one endless stream of epochs; set_epoch(e, start) skips `start` visits."""
+    """(index, seed) pairs in an order and with augmentation seeds drawn from (seed, epoch): what a run sees depends on
+    --seed alone. Process `rank` takes every world-th visit; loop=True never ends; set_epoch skips `start` visits."""
 
     def __init__(self, n, seed, rank=0, world=1, loop=False):
         self.n, self.seed, self.rank, self.world, self.loop = n, seed, rank, world, loop
@@ -715,9 +712,8 @@ def confusion_matrix(pred, gt, n_classes, ignore_index=IGNORE):
 
 
 def miou_from_confusion(conf, absent="skip"):
-    """(mIoU in %, per-class IoU in %). A class absent from both prediction and ground truth has IoU NaN; the mean
-    leaves it out (absent='skip', the VOC convention) or counts it as 0 (absent='zero', the release's K-Means and
-    retrieval scoring). On VOC val every class occurs and the two agree."""
+    """(mIoU in %, per-class IoU in %). A class absent from prediction and ground truth is left out of the mean
+    (absent='skip', VOC's convention) or counts 0 (absent='zero', the release's K-Means and retrieval scoring)."""
     conf = conf.double()
     tp = conf.diag()
     union = conf.sum(0) + conf.sum(1) - tp
@@ -745,9 +741,8 @@ class Reader:
 
 @torch.no_grad()
 def evaluate_segmentation(predict, samples, n_classes, reader, world=None, keep=0, refine=None):
-    """Score `predict` (images B×3×S×S → logits B×C×h×w) on `samples` at each label's original size (logits upsampled
-    bilinearly, argmax; each process takes every world.size-th image, the counts summed). refine(sample, probs) → probs
-    (a CRF) adds conf_refined. Returns {conf, conf_refined, shown: the first `keep` (sample, label, prediction)}."""
+    """Score `predict` (B×3×S×S → logits B×C×h×w, upsampled bilinearly) at each label's size, each process on every
+    world.size-th image; refine(sample, probs) (a CRF) adds conf_refined. Returns {conf, conf_refined, shown}."""
     device, amp = reader.device, reader.amp
     world = world or World(device=device)
     ds = torch.utils.data.Subset(SegDataset(samples, eval_transform(reader.size, reader.resize)),
@@ -816,9 +811,8 @@ def fingerprint(state):
 
 
 def load_model(spec, arch, output_stride=8):
-    """The network a --checkpoint names: (model, kind, a line saying what it is). A pretrain.py or mine_masks.py
-    checkpoint gives its SegModel; anything else is a baseline — a fresh SegModel of `arch` without saliency head
-    whose backbone is random, torchvision's ImageNet classifier or a backbone state-dict file — and says so."""
+    """(model, kind, a line saying what it is) for a --checkpoint: a pretrain.py or mine_masks.py SegModel, or a
+    baseline, a fresh SegModel of `arch` whose backbone is random, torchvision's ImageNet classifier or a file."""
     ck = None if spec == "random" or spec in TORCHVISION_WEIGHTS else torch_load(spec)
     if not (isinstance(ck, dict) and "kind" in ck and "model" in ck):
         arch = arch or "resnet50"
@@ -972,10 +966,9 @@ def _grad_norm(params):
 
 
 class TrainStep:
-    """zero_grad, backward (scaled under fp16), step — and the divergence guard. A step reads nothing back from the
-    device (that would stall the CPU queueing the GPU's work): it keeps on-device flags, and check(), every
-    `check_every` steps and before every checkpoint, raises a UserError when a loss or gradient was non-finite, the
-    loss went `explode`× past the first, or a weight of `modules` is non-finite: a checkpoint is always good."""
+    """zero_grad, backward (scaled under fp16), step, and the divergence guard: steps keep on-device flags (no host
+    sync), and check(), every `check_every` steps and before each checkpoint, refuses a non-finite loss, gradient or
+    weight of `modules`, or a loss `explode`× past the first: a checkpoint is always good."""
 
     def __init__(self, optimizer, modules, device, amp, advice, check_every=50, explode=1e3):
         self.optimizer, self.modules = optimizer, modules
@@ -1090,9 +1083,8 @@ def check_writable(folder, flag="--out"):
 
 
 def prepare_out(out, resume, marks, flag="--out", is_main=True):
-    """Make OUT ready before any work starts: a folder that can be written, without the leftovers of writes a kill
-    interrupted, and never overwritten silently — when it holds a run (a file matching one of the glob patterns
-    `marks`), a new one needs --resume to continue it or another --out. Returns whether it held a run."""
+    """Make OUT writable and clear of killed writes' leftovers before any work; a run there (a file matching a glob
+    of `marks`) needs --resume or another --out, never overwritten silently. Returns whether it held a run."""
     out = Path(out)
     if not is_main:
         return any(next(out.glob(m), None) for m in marks) if out.is_dir() else False
@@ -1131,9 +1123,8 @@ def _tensors(obj, prefix=""):
 
 
 def first_nonfinite(named):
-    """The name of the first floating-point tensor of `named` ((name, tensor) pairs) that holds an inf or NaN — or
-    values so large that their sum overflows, a diverged tensor either way — else None. (A sum per tensor is ten
-    times faster than isfinite on a CPU.)"""
+    """The name of the first float tensor of (name, tensor) pairs whose sum is inf/NaN (a NaN, an inf, or values that
+    overflow: diverged either way), else None. A sum per tensor is ten times faster than isfinite on a CPU."""
     named = [(n, t) for n, t in named if t.is_floating_point() and t.numel()]
     ok = torch.stack([t.detach().sum().float().cpu() for _, t in named]).isfinite() if named else torch.ones(0)
     return None if ok.all() else named[int((~ok).nonzero()[0, 0])][0]
@@ -1165,10 +1156,9 @@ def load_checkpoint(path, kind=None):
 
 
 def restart_from_checkpoint(path, kind, made_with, afresh_on_change=False, **objects):
-    """The one way every script resumes (as DINO's): the `kind` checkpoint at `path` must have been made with the
-    settings `made_with` (the fingerprint of the starting network among them), else one line names the first that
-    differs (with `afresh_on_change`: a note, and None). Each of `objects` (name → module, optimizer, TrainStep or
-    tensor) then loads the checkpoint's entry of that name. Returns the checkpoint."""
+    """The one way every script resumes (as DINO's): the `kind` checkpoint at `path` must be made with `made_with`
+    (the starting network's fingerprint among them), else one line names what differs (`afresh_on_change`: a note and
+    None). Each of `objects` (module, optimizer, TrainStep or tensor) loads its entry. Returns the checkpoint."""
     ck = load_checkpoint(path, kind)
     for k, v in made_with.items():
         old = ck.get("made_with", {}).get(k)
