@@ -157,14 +157,11 @@ class MaskContrast(nn.Module):
 
     def __init__(self, f_q, cfg=Contrast()):
         super().__init__()
-        self.m, self.T, self.weighting, self.balanced_bce, self.sal_weight = (cfg.momentum, cfg.temperature,
-                                                                               cfg.weighting, cfg.balanced_bce,
-                                                                               cfg.sal_weight)
-        self.loss_res, self.freeze, self.parts = cfg.loss_res, list(cfg.freeze), cfg.parts
+        self.cfg, self.m, self.T = cfg, cfg.momentum, cfg.temperature
         self.f_q = f_q
         # f_k.params = f_q.params; without a momentum encoder (Table 2b) the keys come from f_q, without gradient
         self.f_k = copy.deepcopy(f_q).requires_grad_(False) if cfg.momentum_encoder else None
-        for name in self.freeze:  # the release's supervised-saliency configuration keeps ImageNet's early layers
+        for name in self.cfg.freeze:  # the release's supervised-saliency configuration keeps ImageNet's early layers
             getattr(f_q.backbone, name).requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(f_q.head.out_channels, cfg.queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -173,7 +170,7 @@ class MaskContrast(nn.Module):
         """Frozen layers stay in eval mode, in both networks: their BatchNorm statistics stay ImageNet's."""
         super().train(mode)
         for net in (self.f_q, self.f_k):
-            for name in self.freeze if net is not None else ():
+            for name in self.cfg.freeze if net is not None else ():
                 getattr(net.backbone, name).eval()
         return self
 
@@ -215,12 +212,12 @@ class MaskContrast(nn.Module):
 
     def losses(self, q, k, s_q, s_k, aux):
         """(the contrastive loss, the saliency loss, p_k) of Algorithm 1 against the queue as it was."""
-        loss_c, p_k = maskcontrast_loss(q, k, s_q, s_k, self.queue.clone(), self.T, self.weighting)
-        return loss_c, saliency_loss(aux, s_q, self.balanced_bce), p_k
+        loss_c, p_k = maskcontrast_loss(q, k, s_q, s_k, self.queue.clone(), self.T, self.cfg.weighting)
+        return loss_c, saliency_loss(aux, s_q, self.cfg.balanced_bce), p_k
 
     def forward(self, x_q, s_q, x_k, s_k):
         """One step of Algorithm 1 up to the loss: returns (loss, its two parts)."""
-        full = self.loss_res == "input"
+        full = self.cfg.loss_res == "input"
         q, aux = self.encode_queries(x_q, upsample=full)  # queries: N×D×H×W; aux: the saliency estimate, N×H×W
         if self.f_k is not None:
             # Algorithm 1 updates f_k after the SGD step; MoCo and the release do it here, before the keys. f_k is the
@@ -235,7 +232,7 @@ class MaskContrast(nn.Module):
             q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
             loss_c, loss_s, p_k = self.losses(q, k, s_q, s_k, aux.float())
         self.enqueue(p_k)
-        return loss_c + self.sal_weight * loss_s, {"contrast": loss_c.detach(), "saliency": loss_s.detach()}
+        return loss_c + self.cfg.sal_weight * loss_s, {"contrast": loss_c.detach(), "saliency": loss_s.detach()}
 
 
 class InParts(MaskContrast):
@@ -245,18 +242,18 @@ class InParts(MaskContrast):
     gradients)."""
 
     def encode_queries(self, x_q, upsample):
-        q, aux = zip(*(self.f_q(x, upsample=upsample) for x in x_q.chunk(self.parts)))
+        q, aux = zip(*(self.f_q(x, upsample=upsample) for x in x_q.chunk(self.cfg.parts)))
         return torch.cat(q), torch.cat(aux)
 
     @torch.no_grad()
     def encode_keys(self, x_k):
         f_k = self.f_k if self.f_k is not None else self.f_q
         perm = torch.randperm(len(x_k), device=x_k.device)
-        k = torch.cat([f_k(x, upsample=False).out for x in x_k[perm].chunk(self.parts)])
+        k = torch.cat([f_k(x, upsample=False).out for x in x_k[perm].chunk(self.cfg.parts)])
         return k[torch.argsort(perm)]
 
     def losses(self, q, k, s_q, s_k, aux):
-        chunks = (t.chunk(self.parts) for t in (q, k, s_q, s_k, aux))
+        chunks = (t.chunk(self.cfg.parts) for t in (q, k, s_q, s_k, aux))
         loss_c, loss_s, p_k = zip(*(super(InParts, self).losses(*part) for part in zip(*chunks)))
         return torch.stack(loss_c).mean(), torch.stack(loss_s).mean(), torch.cat(p_k)
 
