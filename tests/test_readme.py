@@ -1,5 +1,8 @@
-"""Every command the README and the scripts' --help show parses with the flags the scripts have today."""
+"""What the README and the scripts' --help show is true of the code: every command parses with the flags the scripts
+have today, and the paper → code table names definitions, flags and files that exist."""
+import contextlib
 import importlib
+import io
 import re
 import shlex
 from pathlib import Path
@@ -11,7 +14,8 @@ SCRIPTS = ("mine_masks", "pretrain", "linear_eval", "kmeans_eval", "finetune")
 
 
 def shown_commands():
-    """(where, script, argv) of each `python SCRIPT.py …` / `torchrun … SCRIPT.py …` line of a code block, continuations joined."""
+    """(where, script, argv) of each `python SCRIPT.py …` / `torchrun … SCRIPT.py …` line of the README's code blocks
+    and the scripts' docstrings, continuations joined."""
     texts = {"README.md": "\n".join((ROOT / "README.md").read_text().split("```")[1::2])}  # its code blocks
     texts.update({f"{s}.py --help": importlib.import_module(s).__doc__ for s in SCRIPTS})
     found = []
@@ -36,3 +40,42 @@ def test_shown_command_parses(where, script, argv):
         importlib.import_module(script).get_args(argv)
     except SystemExit as e:
         pytest.fail(f"{where}: `{script}.py {shlex.join(argv)}` does not parse (exit {e.code})")
+
+
+def help_text(script):
+    """The script's --help, as a user sees it."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        importlib.import_module(script).get_args(["--help"])
+    return out.getvalue()
+
+
+def test_paper_to_code_map_points_at_what_exists():
+    """Each name in the README's paper → code table is defined where it says, each flag and value is the script's."""
+    section = (ROOT / "README.md").read_text().split("## From the paper to the code")[1].split("\n## ")[0]
+    checked = 0
+    for row in [r for r in section.splitlines() if r.startswith("| ") and "`" in r.split("|")[2]]:
+        module = owner = None
+        for token in re.findall(r"`([^`]+)`", row.split("|")[2]):
+            if "/" in token or token.endswith(".png"):  # a file in the tree, or one a script writes
+                assert token.endswith(".png") or (ROOT / token).exists(), token
+                continue
+            words = token.split()
+            if words[0].endswith(".py"):
+                module, owner, words = importlib.import_module(words[0][:-3]), None, words[1:]
+            for w in words:
+                head, *rest = w.split(".")
+                if head in SCRIPTS + ("common",) and rest:  # module.name[.attr]: .attr tokens after it are the class's
+                    module = owner = importlib.import_module(head)
+                    for name in rest:
+                        assert hasattr(owner, name), f"{w}: {owner.__name__} has no {name}"
+                        owner = getattr(owner, name) if isinstance(getattr(owner, name), type) else owner
+                elif w.startswith("."):
+                    assert hasattr(owner, w[1:]), f"{owner.__name__} has no {w}"
+                elif not w.startswith("--") and hasattr(module, w):
+                    owner = getattr(module, w)
+                else:  # a flag, or a value of one
+                    assert re.search(r"(?<![\w-])%s(?![\w-])" % re.escape(w), help_text(module.__name__)), \
+                        f"{module.__name__}.py --help shows no {w}"
+                checked += 1
+    assert checked >= 30
