@@ -396,11 +396,10 @@ def finish(results, rows, val, shown, out, line):
     return results
 
 
-def use_masks(samples, args):
-    """Point the samples at their masks (mine_masks.py's, --saliency in --mask-root): a mask missing is an error unless
-    mine_masks.py dropped the image (no foreground). Returns what the foreground comes from."""
-    root = args.data_root
-    d = common.saliency_dir(root, args.saliency, args.mask_root)
+def use_masks(samples, root, name, mask_root=None):
+    """Point the samples at their masks (mine_masks.py's saliency_<name>, in `mask_root`): a mask missing is an error
+    unless mine_masks.py dropped the image (no foreground). Returns what the foreground comes from."""
+    d = common.saliency_dir(root, name, mask_root)
     if not d.is_dir():
         raise common.UserError(f"{d}: no masks (this model takes its foreground from masks); run `python "
                                f"mine_masks.py --data-root {root}` first, or pass --saliency/--mask-root")
@@ -515,7 +514,7 @@ def main(argv=None):
                                    f"--features {args.features}; use --foreground masks (written by mine_masks.py)")
         fg_from = f"saliency head (logit > {args.logit_threshold}, {args.fg_resize} to the label)"
         if args.foreground == "masks" or not head:  # the foreground from the masks mine_masks.py wrote
-            fg_from = use_masks(val + bank_samples, args)
+            fg_from = use_masks(val + bank_samples, args.data_root, args.saliency, args.mask_root)
     print(f"{desc} (network {weights}); {args.features} features; foreground: {fg_from}; {len(val)} "
           f"{args.val_split} images, {n_classes} classes; device {device}")
     if args.cluster == "pixels":

@@ -791,20 +791,20 @@ def regions_stage(run, batch, merge_below, max_region, seconds):
     return regions
 
 
-def post_process(i, run, args, maps, import_files):
-    """Image i's objects at its original size, its foreground share and why it is dropped (or None)."""
+def post_process(i, run, maps, proposals, threshold, min_area, max_region):
+    """Image i's objects at its original size (`proposals` as --proposals) from its row of `maps` (a stage's
+    MapFile, or the imported files), its foreground share and why it is dropped (or None)."""
     hw = common.image_size(run.images[i])
-    if args.proposals == "hierarchical":  # the regions at the image's size, each under the area rule
+    if proposals == "hierarchical":  # the regions at the image's size, each under the area rule
         regions = torch.from_numpy(np.array(maps[i]))[None, None]
-        objects = area_rule(F.interpolate(regions, size=hw, mode="nearest")[0, 0].numpy(), args.min_area)
-        reason = None if objects.any() else f"no region between {args.min_area:.0%} and {args.max_region:.0%}"
+        objects = area_rule(F.interpolate(regions, size=hw, mode="nearest")[0, 0].numpy(), min_area)
+        reason = None if objects.any() else f"no region between {min_area:.0%} and {max_region:.0%}"
         return objects, float((objects > 0).mean()), reason
-    prob = map_at(import_files or maps, i, hw)
-    mask, share, reason = postprocess(prob.numpy(), args.mask_threshold, args.min_area)
-    if args.proposals == "saliency":
+    mask, share, reason = postprocess(map_at(maps, i, hw).numpy(), threshold, min_area)
+    if proposals == "saliency":
         return mask.astype(np.uint8), share, reason
-    objects = common.components(mask, args.min_area)
-    return objects, share, reason or (None if objects.any() else f"no component of {args.min_area:.0%} of the image")
+    objects = common.components(mask, min_area)
+    return objects, share, reason or (None if objects.any() else f"no component of {min_area:.0%} of the image")
 
 
 def mining_targets(roots, split, name, mask_root):
@@ -973,7 +973,8 @@ def main(argv=None):
     t = time.time()
     records, meter = [], SaliencyMeter() if gt_paths else None
     for i in tqdm(range(world.rank, len(ids), world.size), desc="masks", leave=False, disable=not world.is_main):
-        objects, share, reason = post_process(i, run, args, maps, import_files)
+        objects, share, reason = post_process(i, run, import_files or maps, args.proposals, args.mask_threshold,
+                                              args.min_area, args.max_region)
         png = dests[i] / f"{ids[i]}.png"
         if reason:
             png.unlink(missing_ok=True)  # a mask left by an earlier run would contradict dropped.txt
