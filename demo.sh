@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole MaskContrast pipeline on a small synthetic dataset, on CPU, every flag in sight: the five stages with
 # their defaults except for sizes (and, for the demo's random hues, the colour jitter), each against the same
-# resnet18 with random weights. About 6 minutes on 2 cores. On real data keep the defaults instead (README.md).
+# resnet18 with random weights. About 7 minutes on 2 cores. On real data keep the defaults instead (README.md).
 # Every size below can be set from the environment (the tests run the demo at toy sizes).
 set -euo pipefail
 cd "$(dirname "$0")"
