@@ -260,6 +260,53 @@ def test_two_ddp_processes_on_cpu(small_root, tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.pth")["history"][-1]["step"] == 2  # 16 images / global batch 8
 
 
+
+def _ddp_checks(setup):
+    """In each of two processes, on pretrain.py's set-up: the key shuffle undone, the queue fed by both, a DDP step."""
+    ddp, world = setup["model"], setup["world"]
+    model = ddp.module
+
+    class PerImage(torch.nn.Module):  # a key network that treats each image alone: a strided view of it
+        def forward(self, x, upsample=False):
+            return common.SegOutput(x[:, :, ::8, ::8], None)
+
+    f_k, model.f_k = model.f_k, PerImage()
+    x_k = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(world.rank))  # a batch per process
+    torch.manual_seed(1)  # a shuffle that is not its own inverse (seed 0's is), so that undoing it is seen to matter
+    keys_error = float((model.encode_keys(x_k) - x_k[:, :, ::8, ::8]).abs().max())
+    model.f_k = f_k
+    D = model.queue.shape[0]
+    p_k = torch.randn(world.rank + 1, D, generator=torch.Generator().manual_seed(world.rank))  # 1 and 2 prototypes
+    model.enqueue(F.normalize(p_k, dim=1))
+    queue_head = model.queue[:, :3].T.clone()
+    x_q, s_q, x_k, s_k = pretrain.to_device_views(next(iter(setup["loader"])), world.device, False)
+    model.train()
+    loss, _ = ddp(x_q, s_q, x_k, s_k)
+    setup["step"](loss)
+    weights = [common.fingerprint(dict(net.named_parameters())) for net in (model.f_q, model.f_k)]
+    return {"keys_error": keys_error, "queue_head": queue_head, "weights": weights,
+            "queue": common.fingerprint({"q": model.queue}), "loss": float(loss)}
+
+
+def _ddp_checks_rank(rank, argv, port, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.save(pretrain.main(argv, hook=_ddp_checks), f"{out}/{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_undoes_the_key_shuffle_shares_the_queue_and_keeps_the_processes_equal(small_root, tmp_path):
+    argv = args_for(small_root, tmp_path / "run", "--device", "cpu")
+    torch.multiprocessing.start_processes(_ddp_checks_rank, args=(argv, 29537, str(tmp_path)), nprocs=2,
+                                          start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    assert r0["keys_error"] < 1e-6 and r1["keys_error"] < 1e-6  # each process got its own images' keys back
+    D = r0["queue_head"].shape[1]
+    p_k = [F.normalize(torch.randn(r + 1, D, generator=torch.Generator().manual_seed(r)), dim=1) for r in (0, 1)]
+    assert torch.allclose(r0["queue_head"], torch.cat(p_k)) and torch.equal(r0["queue_head"], r1["queue_head"])
+    # DDP averaged the gradients: after the step both hold the same query and key networks and queue
+    assert r0["weights"] == r1["weights"] and r0["queue"] == r1["queue"] and math.isfinite(r0["loss"])
+
 def copy_root(src, dst, n=16):
     """A writable copy of the first n train images with their oracle masks."""
     ids = (src / "ImageSets/Segmentation/train.txt").read_text().split()[:n]
