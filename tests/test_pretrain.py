@@ -148,6 +148,34 @@ def test_key_network_gets_no_gradient_and_moves_by_momentum():
         assert torch.allclose(kk, 0.9 * b + 0.1 * a, atol=1e-7)
 
 
+
+def test_majority_pool_is_each_cells_vote():
+    s = torch.randint(0, 4, (2, 32, 32), generator=torch.Generator().manual_seed(0))
+    got = pretrain.majority_pool(s, (8, 8))
+    for n in range(2):
+        for i in range(8):
+            for j in range(8):
+                counts = torch.bincount(s[n, 4 * i:4 * i + 4, 4 * j:4 * j + 4].flatten(), minlength=4).tolist()
+                assert got[n, i, j] == counts.index(max(counts))  # a tie goes to the lower id, background first
+
+
+def test_loss_at_feature_resolution_is_the_loss_of_the_pooled_masks():
+    """--loss-res feature: Algorithm 1 on the stride-8 embeddings, each cell taking its majority object."""
+    m = tiny_pair(loss_res="feature").eval()  # eval: the two computations below see the same BatchNorm
+    x_q, x_k = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    s_q, s_k = torch.zeros(2, 32, 32, dtype=torch.long), torch.zeros(2, 32, 32, dtype=torch.long)
+    s_q[:, 4:20, 4:28], s_k[:, 8:28, 2:22] = 1, 1
+    s_q[1, 20:30, 0:16], s_k[1, 0:8, 24:32] = 2, 2  # image 1 holds a second object
+    queue = m.queue.clone()
+    with torch.no_grad():
+        q, aux = m.f_q(x_q, upsample=False)
+        k = m.f_k(x_k, upsample=False).out  # = f_q: the momentum update before the keys changes nothing yet
+        p_q, p_k = pretrain.majority_pool(s_q, (4, 4)), pretrain.majority_pool(s_k, (4, 4))
+        want = pretrain.maskcontrast_loss(F.normalize(q, dim=1), F.normalize(k, dim=1), p_q, p_k, queue)[0] + \
+            pretrain.saliency_loss(aux, p_q)
+        loss, _ = m(x_q, s_q, x_k, s_k)
+    assert torch.isclose(loss, want, atol=1e-6) and m.queue_ptr == 3  # 3 objects in the key views
+
 def test_queue_is_fifo():
     m = tiny_pair(queue_size=6)
     batches = [F.normalize(torch.randn(2, 8), dim=1) for _ in range(4)]
