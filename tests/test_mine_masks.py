@@ -137,6 +137,28 @@ def test_unsupervised_end_to_end_writes_masks_that_pretraining_can_load(synth_ro
     printed = capsys.readouterr().out
     assert "[priors] reused" in printed and "[round1] reused" in printed and "epoch 1/1" not in printed
     assert {p.name: p.read_bytes() for p in d.glob("*.png")} == before
+    # the default --rounds 2 on top: the first round is reused, the second learns from it mixed with the priors
+    round1 = (work / "round1.pth").read_bytes()
+    two_rounds = list(args)
+    two_rounds[args.index("--rounds") + 1] = "2"
+    mm.main(two_rounds + ["--resume"])
+    printed = capsys.readouterr().out
+    assert "[round1] reused" in printed and "round 1 predictions mixed with the priors" in printed
+    assert (work / "round1.pth").read_bytes() == round1 and (work / "round2.pth").is_file()
+    assert "round2" in json.loads((d / "summary.json").read_text())["stages"]
+
+
+def test_later_rounds_learn_from_the_predictions_mixed_with_the_priors(tmp_path):
+    g = np.random.default_rng(0)
+    target, prior = (g.integers(0, 256, (3, 8, 8), dtype=np.uint8) for _ in range(2))
+    for name, a in (("target", target), ("prior", prior)):
+        mm.MapFile(tmp_path / f"{name}.npy", a.shape).write(0, a)
+    first = mm.PseudoLabels(tmp_path / "target.npy", 0.7, 0.3)
+    later = mm.PseudoLabels(tmp_path / "target.npy", 0.7, 0.3, tmp_path / "prior.npy", weight=0.25)
+    for i in range(3):
+        for labels, m in ((first(i), target[i] / 255), (later(i), np.round(0.25 * prior[i] + 0.75 * target[i]) / 255)):
+            want = np.where(m > 0.7, 1, np.where(m < 0.3, 0, common.IGNORE))  # object, background, ignored between
+            assert np.array_equal(labels.numpy(), want)
 
 
 def test_import_mode_resizes_any_map_and_drops_empty_ones(synth_root, tmp_path):
