@@ -252,6 +252,34 @@ def test_bad_input_is_one_line_error(synth_root, tmp_path, capsys):
                    "a batch needs at least 2 images (BatchNorm)")
 
 
+
+@pytest.mark.parametrize("flags,says", [
+    (["--train-images", "x"], "--train-images and --train-masks go together"),
+    (["--import-maps", "m", "--train-images", "x", "--train-masks", "y"], "different modes: pick one"),
+    (["--priors", "mbd,nope"], "--priors: unknown ['nope']"),
+    (["--fg-thresh", "0.3", "--bg-thresh", "0.6"], "need 0 <= --bg-thresh <= --fg-thresh <= 1"),
+    (["--proposals", "hierarchical", "--import-maps", "m"], "uses no saliency: drop --import-maps"),
+])
+def test_contradictory_flags_are_refused_before_any_work(flags, says, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        mm.get_args(["--data-root", str(tmp_path)] + flags)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_missing_folders_and_clashing_ids_are_one_line_errors(tiny_root, tmp_path, capsys):
+    base = ["--data-root", str(tiny_root), "--split", "val", "--mask-root", str(tmp_path / "m"), "--workers", "0"]
+    one_line_error(mm.main, base + ["--out", str(tmp_path / "w1"), "--eval-masks", str(tmp_path / "nope")], capsys,
+                   "nope: no such folder (ground-truth mask)")
+    (tmp_path / "empty").mkdir()
+    one_line_error(mm.main, base + ["--out", str(tmp_path / "w2"), "--import-maps", str(tmp_path / "empty")], capsys,
+                   "empty: no image files in it (saliency map)")
+    for d in ("a", "b"):  # two folders with an image of the same name, whose masks would share one file
+        (tmp_path / d).mkdir()
+        Image.new("RGB", (16, 16)).save(tmp_path / d / "same.jpg")
+    argv = ["--data-root", str(tmp_path / "a"), str(tmp_path / "b"), "--mask-root", str(tmp_path / "m"), "--out",
+            str(tmp_path / "w3")]
+    one_line_error(mm.main, argv, capsys, "id 'same' also names", "mine them under different --mask-root or --name")
+
 def test_flip_tta_is_the_mean_of_the_image_and_its_mirror():
     """predict_saliency runs each batch and its mirror image in one pass: the map must be the mean of the two
     separate predictions (the mirror's flipped back), resized, as uint8."""
