@@ -63,6 +63,9 @@ def test_subsets_reproducible_and_reused(tmp_path):
     (tmp_path / "a" / "0.05_2.txt").write_text("im0001\nval_9999\n")
     with pytest.raises(common.UserError, match="val_9999"):
         finetune.labeled_subsets(ids, [0.05], 3, seed=0, folder=tmp_path / "a")
+    (tmp_path / "a" / "0.05_2.txt").write_text("im0001\nim0001\n")  # one image twice would weigh it double
+    with pytest.raises(common.UserError, match="0.05_2.txt: lists an id twice"):
+        finetune.labeled_subsets(ids, [0.05], 3, seed=0, folder=tmp_path / "a")
 
 
 def test_train_val_overlap_refused(synth_root, tmp_path):
@@ -210,6 +213,8 @@ def test_bad_inits_are_user_errors(pretrain_ck, tmp_path):
         finetune.resolve_inits([str(pretrain_ck)], None, "resnet50")
     with pytest.raises(common.UserError, match="--names"):
         finetune.resolve_inits(["random", "random"], None, "resnet18")
+    with pytest.raises(common.UserError, match="--names gives 1 names for 2 --checkpoint values"):
+        finetune.resolve_inits(["random", "imagenet"], ["only_one"], "resnet18")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(common.UserError, match="junk.pth: not a PyTorch checkpoint"):
