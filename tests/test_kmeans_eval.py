@@ -281,3 +281,40 @@ def test_components_give_each_object_its_own_prototype(tmp_path):
         common.save_objects_png((label > 0) * (1 + (np.arange(24)[None, :] >= 12)), s.saliency)
     q = ke.extract_prototypes(ColourNet(), samples, reader, "backbone", ke.Objects(mode="components"), 4)
     assert len(q["protos"]) == 12 and set(common.read_objects(samples[0].saliency).unique().tolist()) == {0, 1, 2}
+
+
+class RedIsSalient(torch.nn.Module):
+    """A stand-in network with a saliency head: the logit is the input's (normalised) red channel, the embedding its
+    three channels; both at the input size, as SegModel's upsampled outputs."""
+
+    def forward(self, x):
+        return common.SegOutput(x, 4 * x[:, 0])
+
+
+@pytest.mark.parametrize("resize", ["nearest", "bilinear"])
+def test_head_foreground_is_brought_to_each_labels_size_as_fg_resize_says(tmp_path, resize):
+    """--fg-resize nearest (as released): the logit thresholded at the input size, then resized nearest to the label;
+    bilinear: the logit resized bilinearly to the label, then thresholded. The pixels counted as object are those."""
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (tmp_path / d).mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for n in range(2):  # 30×20 images of smooth red blobs, scored at 24²
+        red = torch.nn.functional.interpolate(torch.rand(1, 1, 5, 4, generator=g), size=(30, 20), mode="bilinear")
+        img = torch.cat([red, torch.zeros_like(red), torch.zeros_like(red)], 1)[0].permute(1, 2, 0)
+        Image.fromarray((img * 255).byte().numpy()).save(tmp_path / "JPEGImages" / f"v{n}.png")
+        common.save_label_png(torch.randint(0, 3, (30, 20), generator=g).numpy().astype("uint8"),
+                              tmp_path / "SegmentationClass" / f"v{n}.png")
+    (tmp_path / "ImageSets/Segmentation/val.txt").write_text("v0\nv1")
+    samples = common.list_samples(tmp_path, "val", labels=True)
+    reader = common.Reader(24, "bicubic", 2, 0, torch.device("cpu"), "none")
+    q = ke.extract_prototypes(RedIsSalient(), samples, reader, "head", ke.Objects(resize=resize), 3)
+    for n, s in enumerate(samples):
+        logit = RedIsSalient()(common.eval_transform(24)(common.read_image(s.image))[None]).saliency[None]
+        if resize == "bilinear":
+            fg = torch.nn.functional.interpolate(logit, size=(30, 20), mode="bilinear", align_corners=False) > 0.5
+        else:
+            fg = torch.nn.functional.interpolate((logit > 0.5).float(), size=(30, 20), mode="nearest") > 0
+        y = common.read_label(s.label).long()
+        assert 0 < fg.sum() < fg.numel()
+        assert torch.equal(q["fg_hist"][n], torch.bincount(y[fg[0, 0]], minlength=3))
+        assert torch.equal(q["bg_hist"][n], torch.bincount(y[~fg[0, 0]], minlength=3))
