@@ -593,11 +593,9 @@ class SegDataset(torch.utils.data.Dataset):
     def __getitem__(self, item):
         i, seed = item if isinstance(item, tuple) else (item, None)
         s = self.samples[i]
-        label = read_label(s.label) if s.label else None
+        label = read_label(s.label)
         if seed is None:
             img = read_image(s.image)
-            if label is None:
-                label = torch.full(img.shape[1:], IGNORE, dtype=torch.uint8)
             check_same_size(label, img.shape[1:], s.label, s.image, "label")
             return self.transform(tv_tensors.Image(img)), label.long(), i
         img = open_rgb(s.image)

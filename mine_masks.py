@@ -435,9 +435,6 @@ class MapFile:
             self.shape, self.offset = header(f)[0], f.tell()
         self.path, self.row = path, int(np.prod(self.shape[1:]))
 
-    def __len__(self):
-        return self.shape[0]
-
     def __getitem__(self, i):
         with open(self.path, "rb") as f:
             f.seek(self.offset + i * self.row)
