@@ -375,6 +375,13 @@ def test_bad_inputs_name_the_file(synth_root, tmp_path, capsys):
                    "1 images is fewer than one batch")
     with pytest.raises(SystemExit):
         pretrain.get_args(["--data-root", "x", "--epochs", "0"])
+    with pytest.raises(SystemExit):
+        pretrain.get_args(["--data-root", "x", "--freeze", "layer1,stem"])
+    # before any mining: the command to run first is named
+    one_line_error(pretrain.main, args_for(synth_root, tmp_path / "o4", "--saliency", "none"), capsys,
+                   "saliency_none: no saliency masks", "python mine_masks.py --data-root")
+    one_line_error(pretrain.main, args_for(synth_root, tmp_path / "o5", "--queue-size", "12"), capsys,
+                   "--queue-size 12 must be a multiple of the global batch 8")
 
 
 def test_divergence_stops_with_one_line_and_keeps_the_last_checkpoint_good(small_root, tmp_path, capsys):
