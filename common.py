@@ -206,6 +206,18 @@ def train_split(root, split):
     return "train"
 
 
+def labelled_splits(root, train=None, val="val", classes=0, workers=0):
+    """(the train split's name, its samples, the val samples, the number of classes) of a labelled root: the splits
+    must be disjoint (an image in both would be scored on what it was trained on); their labels are scanned."""
+    train = train_split(root, train)
+    train_samples, val_samples = list_samples(root, train, labels=True), list_samples(root, val, labels=True)
+    overlap = {s.id for s in train_samples} & {s.id for s in val_samples}
+    if overlap:
+        raise UserError(f"{root}: {len(overlap)} images are in both --train-split {train} and --val-split {val} (e.g. "
+                        f"{sorted(overlap)[0]}); pass disjoint splits")
+    return train, train_samples, val_samples, scan_labels({train: train_samples, val: val_samples}, classes, workers)
+
+
 def list_samples(root, split=None, saliency=None, mask_root=None, labels=False):
     """The samples of a VOC-layout root (the split's ids, or all of JPEGImages) or a folder of images; with `labels`
     each one's label (SegmentationClass[Aug]/, required), with `saliency` its mask path (not checked)."""

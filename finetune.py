@@ -375,15 +375,8 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = world.device.type == "cuda"
 
     # =========================================================================================================== data
-    train_split = common.train_split(args.data_root, args.train_split)
-    train_samples = common.list_samples(args.data_root, train_split, labels=True)
-    val_samples = common.list_samples(args.data_root, args.val_split, labels=True)
-    overlap = {s.id for s in train_samples} & {s.id for s in val_samples}
-    if overlap:
-        raise common.UserError(f"{args.data_root}: {len(overlap)} images are in both --train-split {train_split} and "
-                               f"--val-split {args.val_split} (e.g. {sorted(overlap)[0]}); pass disjoint splits")
-    n_classes = common.scan_labels({train_split: train_samples, args.val_split: val_samples}, args.classes,
-                                   args.workers)
+    train_split, train_samples, val_samples, n_classes = common.labelled_splits(
+        args.data_root, args.train_split, args.val_split, args.classes, args.workers)
     common.prepare_out(out, args.resume, ["results.json", "*/*/result.json", "*/*/checkpoint.pth"],
                        is_main=world.is_main)  # before any work
     train_ids = [s.id for s in train_samples]

@@ -299,11 +299,8 @@ def main(argv=None):
     out = Path(args.out or common.default_eval_out(args.checkpoint, args.arch, f"linear_{args.features}"))
 
     # =========================================================================================================== data
-    train_split = common.train_split(args.data_root, args.train_split)
-    train_samples = common.list_samples(args.data_root, train_split, labels=True)
-    val_samples = common.list_samples(args.data_root, args.val_split, labels=True)
-    n_classes = common.scan_labels({train_split: train_samples, args.val_split: val_samples}, args.classes,
-                                   args.workers)
+    train_split, train_samples, val_samples, n_classes = common.labelled_splits(
+        args.data_root, args.train_split, args.val_split, args.classes, args.workers)
     names = common.class_names(n_classes, args.data_root)
     resuming = common.prepare_out(out, args.resume, ["linear.pth"], is_main=world.is_main)  # before any work
     train_ds = common.SegDataset(train_samples, common.seg_train_transform(args.size, border_label=args.border_label))

@@ -1,7 +1,6 @@
 """finetune.py: labeled subsets, learning-rate groups, frozen BatchNorm, resume and a tiny end-to-end table."""
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -66,18 +65,6 @@ def test_subsets_reproducible_and_reused(tmp_path):
     (tmp_path / "a" / "0.05_2.txt").write_text("im0001\nim0001\n")  # one image twice would weigh it double
     with pytest.raises(common.UserError, match="0.05_2.txt: lists an id twice"):
         finetune.labeled_subsets(ids, [0.05], 3, seed=0, folder=tmp_path / "a")
-
-
-def test_train_val_overlap_refused(synth_root, tmp_path):
-    root = tmp_path / "voc"
-    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
-    for d in ("JPEGImages", "SegmentationClass"):
-        os.symlink(synth_root / d, root / d)
-    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("train_0000\ntrain_0001\nval_0000\n")
-    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("val_0000\nval_0001\n")
-    with pytest.raises(common.UserError, match="val_0000"):
-        finetune.main(["--data-root", str(root), "--out", str(tmp_path / "out"), "--arch", "resnet18",
-                       "--checkpoint", "random"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
