@@ -206,14 +206,14 @@ def train_split(root, split):
     return "train"
 
 
-def labelled_splits(root, train=None, val="val", classes=0, workers=0):
+def labelled_splits(root, train=None, val="val", classes=0, workers=0, flag="--train-split"):
     """(the train split's name, its samples, the val samples, the number of classes) of a labelled root: the splits
     must be disjoint (an image in both would be scored on what it was trained on); their labels are scanned."""
     train = train_split(root, train)
     train_samples, val_samples = list_samples(root, train, labels=True), list_samples(root, val, labels=True)
     overlap = {s.id for s in train_samples} & {s.id for s in val_samples}
     if overlap:
-        raise UserError(f"{root}: {len(overlap)} images are in both --train-split {train} and --val-split {val} (e.g. "
+        raise UserError(f"{root}: {len(overlap)} images are in both {flag} {train} and --val-split {val} (e.g. "
                         f"{sorted(overlap)[0]}); pass disjoint splits")
     return train, train_samples, val_samples, scan_labels({train: train_samples, val: val_samples}, classes, workers)
 

@@ -484,11 +484,13 @@ def main(argv=None):
     out = Path(args.out or common.default_eval_out(args.checkpoint, args.arch, what))
 
     # =========================================================================================================== data
-    val = common.list_samples(args.data_root, args.val_split, labels=True)
     retrieval_split = None if args.retrieval_split == "none" else args.retrieval_split
-    bank_samples = common.list_samples(args.data_root, retrieval_split, labels=True) if retrieval_split else []
-    splits = {args.val_split: val, **({retrieval_split: bank_samples} if bank_samples else {})}
-    n_classes = common.scan_labels(splits, args.classes, args.workers)
+    if retrieval_split:  # a val image in the bank would retrieve itself
+        _, bank_samples, val, n_classes = common.labelled_splits(args.data_root, retrieval_split, args.val_split,
+                                                                 args.classes, args.workers, "--retrieval-split")
+    else:
+        val, bank_samples = common.list_samples(args.data_root, args.val_split, labels=True), []
+        n_classes = common.scan_labels({args.val_split: val}, args.classes, args.workers)
     names = common.class_names(n_classes, args.data_root)
     clusters = args.clusters or [n_classes]
     resuming = common.prepare_out(out, args.resume, ["kmeans_eval.json", "prototypes.pt"])  # before any work

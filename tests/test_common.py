@@ -114,16 +114,17 @@ def test_rgb_labels_in_the_voc_palette_map_back_and_other_rgb_is_refused(tmp_pat
         common.scan_labels(label_root(tmp_path / "c", [Image.fromarray(y.astype(np.uint16))]))
 
 
-@pytest.mark.parametrize("script", ["linear_eval", "finetune"])
-def test_train_val_overlap_refused(synth_root, tmp_path, script):
-    """An image in both splits would be scored on what it was trained on: refused before any work."""
+@pytest.mark.parametrize("script,flag", [("linear_eval", "--train-split"), ("finetune", "--train-split"),
+                                         ("kmeans_eval", "--retrieval-split")])
+def test_train_val_overlap_refused(synth_root, tmp_path, script, flag):
+    """An image in both splits would be scored on what it was trained on (or retrieve itself): refused first."""
     root = tmp_path / "voc"
     (root / "ImageSets" / "Segmentation").mkdir(parents=True)
     for d in ("JPEGImages", "SegmentationClass"):
         os.symlink(synth_root / d, root / d)
     (root / "ImageSets" / "Segmentation" / "train.txt").write_text("train_0000\ntrain_0001\nval_0000\n")
     (root / "ImageSets" / "Segmentation" / "val.txt").write_text("val_0000\nval_0001\n")
-    with pytest.raises(common.UserError, match="1 images are in both --train-split train and --val-split val"):
+    with pytest.raises(common.UserError, match=f"1 images are in both {flag} train and --val-split val"):
         __import__(script).main(["--data-root", str(root), "--out", str(tmp_path / "out"), "--arch", "resnet18",
                                  "--checkpoint", "random"])
     assert not (tmp_path / "out").exists()
