@@ -161,7 +161,7 @@ class MaskContrast(nn.Module):
         self.f_q = f_q
         # f_k.params = f_q.params; without a momentum encoder (Table 2b) the keys come from f_q, without gradient
         self.f_k = copy.deepcopy(f_q).requires_grad_(False) if cfg.momentum_encoder else None
-        for name in self.cfg.freeze:  # the release's supervised-saliency configuration keeps ImageNet's early layers
+        for name in cfg.freeze:  # the release's supervised-saliency configuration keeps ImageNet's early layers
             getattr(f_q.backbone, name).requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(f_q.head.out_channels, cfg.queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
