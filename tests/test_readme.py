@@ -79,3 +79,16 @@ def test_paper_to_code_map_points_at_what_exists():
                         f"{module.__name__}.py --help shows no {w}"
                 checked += 1
     assert checked >= 30
+
+
+def test_differences_table_names_flags_that_exist():
+    """Each flag in the last column of the README's differences table is one of its script's (the one the cell
+    names, else any), whole."""
+    section = (ROOT / "README.md").read_text().split("## Differences")[1].split("\n## ")[0]
+    helps = {s: help_text(s) for s in SCRIPTS}
+    rows = [r.split("|")[-2] for r in section.splitlines() if r.startswith("| ") and "--" in r.split("|")[-2]]
+    for cell in rows:
+        named = [s for s in SCRIPTS if f"{s}.py" in cell] or list(SCRIPTS)
+        for flag in re.findall(r"--[a-z][\w-]*", cell):
+            assert any(re.search(r"(?<![\w-])%s(?![\w-])" % flag, helps[s]) for s in named), (flag, cell)
+    assert len(rows) >= 20
