@@ -484,9 +484,8 @@ def main(argv=None):
     out = Path(args.out or common.default_eval_out(args.checkpoint, args.arch, what))
 
     # =========================================================================================================== data
-    retrieval_split = None if args.retrieval_split == "none" else args.retrieval_split
-    if retrieval_split:  # a val image in the bank would retrieve itself
-        _, bank_samples, val, n_classes = common.labelled_splits(args.data_root, retrieval_split, args.val_split,
+    if args.retrieval_split != "none":  # (a val image in the bank would retrieve itself: refused)
+        _, bank_samples, val, n_classes = common.labelled_splits(args.data_root, args.retrieval_split, args.val_split,
                                                                  args.classes, args.workers, "--retrieval-split")
     else:
         val, bank_samples = common.list_samples(args.data_root, args.val_split, labels=True), []
@@ -571,7 +570,7 @@ def main(argv=None):
         variants = [None]
         if n_classes == len(common.VOC_CLASSES):
             variants.append([common.VOC_CLASSES.index(c) for c in RETRIEVAL_7])
-        results["retrieval"] = {"split": retrieval_split}
+        results["retrieval"] = {"split": args.retrieval_split}
         for classes in variants:
             r = retrieval(b, q, n_classes, classes, args.absent_classes)
             label = f"{n_classes if classes is None else len(classes)} classes"
