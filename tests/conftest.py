@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 SHARED = ROOT.parent / "shared" / "data"
+SCRIPTS = ("mine_masks", "pretrain", "linear_eval", "kmeans_eval", "finetune")  # the five stages
 
 torch.set_num_threads(int(__import__("os").environ.get("TEST_THREADS", "1")))
 

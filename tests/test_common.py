@@ -13,6 +13,7 @@ from PIL import Image
 import common
 import synthetic
 from common import UserError
+from conftest import SCRIPTS
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
@@ -307,9 +308,6 @@ def test_failed_download_is_one_clear_error(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # command lines
-
-SCRIPTS = ["mine_masks", "pretrain", "linear_eval", "kmeans_eval", "finetune"]
-
 
 def parser_of(script, monkeypatch):
     built = []

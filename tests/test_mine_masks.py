@@ -252,7 +252,6 @@ def test_bad_input_is_one_line_error(synth_root, tmp_path, capsys):
                    "a batch needs at least 2 images (BatchNorm)")
 
 
-
 @pytest.mark.parametrize("flags,says", [
     (["--train-images", "x"], "--train-images and --train-masks go together"),
     (["--import-maps", "m", "--train-images", "x", "--train-masks", "y"], "different modes: pick one"),
@@ -279,6 +278,7 @@ def test_missing_folders_and_clashing_ids_are_one_line_errors(tiny_root, tmp_pat
     argv = ["--data-root", str(tmp_path / "a"), str(tmp_path / "b"), "--mask-root", str(tmp_path / "m"), "--out",
             str(tmp_path / "w3")]
     one_line_error(mm.main, argv, capsys, "id 'same' also names", "mine them under different --mask-root or --name")
+
 
 def test_flip_tta_is_the_mean_of_the_image_and_its_mirror():
     """predict_saliency runs each batch and its mirror image in one pass: the map must be the mean of the two

@@ -148,7 +148,6 @@ def test_key_network_gets_no_gradient_and_moves_by_momentum():
         assert torch.allclose(kk, 0.9 * b + 0.1 * a, atol=1e-7)
 
 
-
 def test_majority_pool_is_each_cells_vote():
     s = torch.randint(0, 4, (2, 32, 32), generator=torch.Generator().manual_seed(0))
     got = pretrain.majority_pool(s, (8, 8))
@@ -175,6 +174,7 @@ def test_loss_at_feature_resolution_is_the_loss_of_the_pooled_masks():
             pretrain.saliency_loss(aux, p_q)
         loss, _ = m(x_q, s_q, x_k, s_k)
     assert torch.isclose(loss, want, atol=1e-6) and m.queue_ptr == 3  # 3 objects in the key views
+
 
 def test_queue_is_fifo():
     m = tiny_pair(queue_size=6)
@@ -288,7 +288,6 @@ def test_two_ddp_processes_on_cpu(small_root, tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.pth")["history"][-1]["step"] == 2  # 16 images / global batch 8
 
 
-
 def _ddp_checks(setup):
     """In each of two processes, on pretrain.py's set-up: the key shuffle undone, the queue fed by both, a DDP step."""
     ddp, world = setup["model"], setup["world"]
@@ -334,6 +333,7 @@ def test_ddp_undoes_the_key_shuffle_shares_the_queue_and_keeps_the_processes_equ
     assert torch.allclose(r0["queue_head"], torch.cat(p_k)) and torch.equal(r0["queue_head"], r1["queue_head"])
     # DDP averaged the gradients: after the step both hold the same query and key networks and queue
     assert r0["weights"] == r1["weights"] and r0["queue"] == r1["queue"] and math.isfinite(r0["loss"])
+
 
 def copy_root(src, dst, n=16):
     """A writable copy of the first n train images with their oracle masks."""

@@ -1,16 +1,15 @@
 """What the README and the scripts' --help show is true of the code: every command parses with the flags the scripts
 have today, and the paper → code table names definitions, flags and files that exist."""
 import contextlib
+import functools
 import importlib
 import io
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ("mine_masks", "pretrain", "linear_eval", "kmeans_eval", "finetune")
+from conftest import ROOT, SCRIPTS
 
 
 def shown_commands():
@@ -42,8 +41,9 @@ def test_shown_command_parses(where, script, argv):
         pytest.fail(f"{where}: `{script}.py {shlex.join(argv)}` does not parse (exit {e.code})")
 
 
+@functools.cache
 def help_text(script):
-    """The script's --help, as a user sees it."""
+    """The script's --help, as a user sees it (built once per script)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         importlib.import_module(script).get_args(["--help"])

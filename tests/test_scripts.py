@@ -88,6 +88,6 @@ def test_table2a_sh_commands_parse(tmp_path):
     scripts = [argv[0] for _, argv, _ in cmds]
     assert scripts == ["tools/synthetic.py"] + ["mine_masks.py", "pretrain.py"] * 3 + \
         (["linear_eval.py"] + ["kmeans_eval.py"] * 2) * 4 + ["-"]
-    for _, argv, stdin in cmds[1:-1]:
+    for _, argv, _ in cmds[1:-1]:
         __import__(argv[0][:-3]).get_args(argv[1:])  # an unknown flag or value exits
     compile(cmds[-1][2], "table2a.sh's table", "exec")

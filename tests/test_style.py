@@ -4,10 +4,9 @@ import ast
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SCRIPTS
 
 SOURCES = sorted(p for p in ROOT.glob("**/*.py") if ".git" not in p.parts and "demo_out" not in p.parts)
-STAGES = ["mine_masks", "pretrain", "linear_eval", "kmeans_eval", "finetune", "common"]
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=[str(p.relative_to(ROOT)) for p in SOURCES])
@@ -16,7 +15,7 @@ def test_lines_fit_in_120_characters(path):
     assert not long, f"{path.name}: lines {long} are over 120 characters"
 
 
-@pytest.mark.parametrize("name", STAGES)
+@pytest.mark.parametrize("name", SCRIPTS + ("common",))
 def test_functions_stay_short_and_take_few_parameters(name):
     for node in ast.walk(ast.parse((ROOT / f"{name}.py").read_text())):
         if isinstance(node, ast.FunctionDef):
