@@ -1,4 +1,7 @@
 import contextlib
+import functools
+import importlib
+import io
 import sys
 from pathlib import Path
 
@@ -12,6 +15,15 @@ SHARED = ROOT.parent / "shared" / "data"
 SCRIPTS = ("mine_masks", "pretrain", "linear_eval", "kmeans_eval", "finetune")  # the five stages
 
 torch.set_num_threads(int(__import__("os").environ.get("TEST_THREADS", "1")))
+
+
+@functools.cache
+def help_text(script):
+    """The script's --help as a user sees it, whitespace runs joined (the wrapping depends on the terminal)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        importlib.import_module(script).get_args(["--help"])
+    return " ".join(out.getvalue().split())
 
 
 @pytest.fixture(scope="session")

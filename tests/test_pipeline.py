@@ -11,7 +11,7 @@ import common
 import finetune
 import kmeans_eval
 import linear_eval
-from conftest import ROOT, one_line_error
+from conftest import ROOT, SCRIPTS, help_text, one_line_error
 
 
 def test_gpu_check_cpu_path_runs_the_default_sequence(tmp_path, monkeypatch, capsys):
@@ -56,35 +56,26 @@ def bad_label_root(tmp_path, bad):
     return tmp_path
 
 
-SCRIPTS = {"linear_eval": linear_eval.main, "kmeans_eval": kmeans_eval.main, "finetune": finetune.main}
+LABELLED = {"linear_eval": linear_eval.main, "kmeans_eval": kmeans_eval.main, "finetune": finetune.main}
 BAD = {"all ignore": (np.full((16, 16), 255, np.uint8), "every label pixel is 255"),
        "RGB": (Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)),
                "a RGB label, not class indices")}
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", LABELLED)
 @pytest.mark.parametrize("case", BAD)
 def test_bad_labels_stop_every_evaluation_before_it_trains(script, case, tmp_path, capsys):
     bad, message = BAD[case]
     root = bad_label_root(tmp_path / "r", bad)
-    one_line_error(SCRIPTS[script], ["--data-root", str(root), "--checkpoint", "random", "--arch", "resnet18",
-                                     "--workers", "0", "--out", str(tmp_path / "o")], capsys, message)
+    one_line_error(LABELLED[script], ["--data-root", str(root), "--checkpoint", "random", "--arch", "resnet18",
+                                       "--workers", "0", "--out", str(tmp_path / "o")], capsys, message)
     assert not (tmp_path / "o").exists()
-
-
-SCRIPT_MODULES = ["mine_masks", "pretrain", "linear_eval", "kmeans_eval", "finetune"]
-
-
-def help_text(name, capsys):
-    with pytest.raises(SystemExit):
-        __import__(name).get_args(["--help"])
-    return " ".join(capsys.readouterr().out.split())
 
 
 def test_one_meaning_per_flag(capsys):
     """--momentum is SGD's in every script that has it; the key network's EMA is --key-momentum; no bare
     --threshold: each threshold says what it thresholds, and out-of-range values are refused."""
-    helps = {name: help_text(name, capsys) for name in SCRIPT_MODULES}
+    helps = {name: help_text(name) for name in SCRIPTS}
     for name, text in helps.items():
         assert "--threshold " not in text, name
         if "--momentum MOMENTUM" in text:

@@ -1,15 +1,12 @@
 """What the README and the scripts' --help show is true of the code: every command parses with the flags the scripts
 have today, and the paper → code table names definitions, flags and files that exist."""
-import contextlib
-import functools
 import importlib
-import io
 import re
 import shlex
 
 import pytest
 
-from conftest import ROOT, SCRIPTS
+from conftest import ROOT, SCRIPTS, help_text
 
 
 def shown_commands():
@@ -39,15 +36,6 @@ def test_shown_command_parses(where, script, argv):
         importlib.import_module(script).get_args(argv)
     except SystemExit as e:
         pytest.fail(f"{where}: `{script}.py {shlex.join(argv)}` does not parse (exit {e.code})")
-
-
-@functools.cache
-def help_text(script):
-    """The script's --help, as a user sees it (built once per script)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
-        importlib.import_module(script).get_args(["--help"])
-    return out.getvalue()
 
 
 def test_paper_to_code_map_points_at_what_exists():
